@@ -1,0 +1,168 @@
+"""``vitpipe`` command line: run the pipeline or one stage, inspect recipes, models and runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from vitpipe.jobs.configtools import ConfigError, apply_overrides, to_dict
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="ViT pretraining and evaluation pipeline: shards -> DeepSpeed/Ray -> few-shot/fine-tune -> MLflow.")
+console = Console()
+
+# Errors a user causes (bad key, missing folder, unknown recipe or run): one line, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, markup=False)], force=True)
+    logging.getLogger("vitpipe").setLevel(logging.INFO)
+    for noisy in ("alembic", "mlflow", "urllib3", "filelock", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def build_config(recipe: str, overrides: list[str], store: Optional[str] = None):
+    """Recipe + ``--set`` overrides (+ ``--store``), relative paths made absolute."""
+    from vitpipe.jobs.config import resolve_paths
+    from vitpipe.jobs.recipes import get_recipe
+
+    cfg = get_recipe(recipe)
+    if store:
+        overrides = [*overrides, f"store={store}"]
+    cfg = apply_overrides(cfg, overrides)
+    return resolve_paths(cfg)
+
+
+def stages_for(cfg):
+    from vitpipe.jobs.stages import STAGES
+
+    return [STAGES[name]() for name in cfg.stages]
+
+
+@app.command()
+def run(
+    recipe: str = typer.Argument("demo", help="Recipe name (see `vitpipe recipes`)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Dotted override, e.g. --set pretrain.lr=3e-4."),
+    force: list[str] = typer.Option([], "--force", help="Rerun this stage (and what depends on it)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the stage plan and resolved config; run nothing."),
+    store: Optional[str] = typer.Option(None, help="Output root (fsspec URL); default from the recipe (./runs)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                               help="MLflow tracking URI (default: sqlite file in the store)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the pipeline: ingest -> pretrain -> fewshot / finetune / analysis -> report.
+
+    Example: vitpipe run demo --set pretrain.steps=100 --set finetune.lr_grid=0.003,0.01
+    """
+    _setup_logging(verbose)
+    from vitpipe.jobs.runner import run_pipeline
+
+    try:
+        cfg = build_config(recipe, set_, store)
+        t0 = time.perf_counter()
+        summary = run_pipeline(cfg, stages_for(cfg), force=tuple(force), dry_run=dry_run,
+                               tracking_uri=tracking_uri, console=console)
+    except USER_ERRORS as e:
+        _fail(str(e).strip("'\""))
+        return
+    if dry_run:
+        return
+    _print_summary(summary, time.perf_counter() - t0)
+
+
+def _print_summary(summary, seconds: float) -> None:
+    rep = summary.results.get("report")
+    if rep:
+        console.print(rep.info.get("markdown", ""))
+    table = Table(title=f"run {summary.run_id} — {summary.status} in {seconds:.0f}s")
+    for col in ("stage", "status", "seconds", "output"):
+        table.add_column(col)
+    for name, res in summary.results.items():
+        table.add_row(name, summary.statuses.get(name, ""), f"{res.seconds:.1f}", res.url)
+    console.print(table)
+    if summary.ui_hint:
+        console.print(f"MLflow: [bold]{summary.ui_hint}[/]  (parent run {summary.mlflow_run_id})")
+
+
+@app.command()
+def recipes() -> None:
+    """List the named recipes.  Example: vitpipe recipes"""
+    from vitpipe.jobs.recipes import RECIPES
+
+    table = Table(title="recipes")
+    table.add_column("name")
+    table.add_column("description")
+    for name, fn in sorted(RECIPES.items()):
+        table.add_row(name, (fn.__doc__ or "").strip().split("\n")[0])
+    console.print(table)
+
+
+@app.command("config")
+def show_config(recipe: str = typer.Argument("demo"),
+                set_: list[str] = typer.Option([], "--set", "-s", help="Dotted override.")) -> None:
+    """Print a recipe's resolved config as JSON.  Example: vitpipe config demo --set model.depth=8"""
+    try:
+        cfg = build_config(recipe, set_)
+    except USER_ERRORS as e:
+        _fail(str(e))
+        return
+    from vitpipe.jobs.tracking import redact_tree
+
+    console.print_json(data=redact_tree(to_dict(cfg)))
+
+
+@app.command()
+def models(img_size: int = typer.Option(224, help="Resolution for the FLOPs column.")) -> None:
+    """List the ViT variants with parameters and GFLOPs.  Example: vitpipe models --img-size 384"""
+    from vitpipe.models import variant_table
+
+    rows = variant_table(img_size=img_size)
+    table = Table(title=f"ViT variants at {img_size}px (1000-class head)")
+    for col in rows[0]:
+        table.add_column(str(col))
+    for r in rows:
+        table.add_row(*[f"{v:,}" if isinstance(v, int) else (f"{v:.2f}" if isinstance(v, float) else str(v))
+                        for v in r.values()])
+    console.print(table)
+
+
+@app.command()
+def runs(store: str = typer.Option("runs", help="Store root.")) -> None:
+    """List the runs recorded in a store.  Example: vitpipe runs --store ./runs"""
+    from vitpipe.jobs.store import Store
+
+    table = Table(title=f"runs in {store}")
+    for col in ("run", "recipe", "status", "started", "stages"):
+        table.add_column(col)
+    for r in Store(store).list_runs():
+        stages = ", ".join(f"{k}:{v.get('status')}" for k, v in r.get("stages", {}).items())
+        table.add_row(r["run_id"], r.get("recipe", ""), r.get("status", ""), r.get("started", ""), stages)
+    console.print(table)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

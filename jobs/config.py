@@ -1,0 +1,80 @@
+"""The whole pipeline's typed config: one section per component, each section owned by that component."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+from vitpipe.jobs.stages.analysis import AnalysisConfig
+from vitpipe.jobs.stages.fewshot import FewshotStageConfig
+from vitpipe.jobs.train.config import FinetuneConfig, PretrainConfig
+from vitpipe.models import ViTConfig
+from vitpipe.pipeline import IngestConfig
+
+ALL_STAGES = ("ingest", "pretrain", "fewshot", "finetune", "analysis", "report")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the pretraining images come from."""
+
+    root: str = "../shared/data/cifar10"
+    """Image folder `<root>/<split>/<class>/*.jpg` (any fsspec URL), a tar/WebDataset source, or a list file."""
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """Experiment tracking (MLflow)."""
+
+    enabled: bool = True
+    uri: str | None = None
+    """Tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite:///<store>/mlflow.db (no server needed)."""
+    experiment: str = "vitpipe"
+    artifact_location: str | None = None
+    """Artifact root for a new experiment; None: <store>/mlartifacts."""
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """One pipeline run: data -> shards -> pretrain -> few-shot / fine-tune / analysis -> report."""
+
+    name: str = "demo"
+    """Recipe name (recorded with the run)."""
+    store: str = "runs"
+    """fsspec root for stage outputs and run records (local path, file://, s3://, gs://)."""
+    stages: tuple[str, ...] = ALL_STAGES
+    """Stages this run contains (report always reads whichever of the others are present)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    ingest: IngestConfig = field(default_factory=lambda: IngestConfig(split="train"))
+    model: ViTConfig = field(default_factory=lambda: ViTConfig.from_name("Ti/4", img_size=32, num_classes=10))
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    fewshot: FewshotStageConfig = field(default_factory=FewshotStageConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in ALL_STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage '{unknown[0]}' in stages (known: {', '.join(ALL_STAGES)})")
+        self.stages = tuple(self.stages)
+
+
+def resolve_paths(cfg: PipelineConfig, base: str | None = None) -> PipelineConfig:
+    """Make relative local paths absolute (against ``base`` or the cwd) so Ray workers and jobs agree on them."""
+    base = base or os.getcwd()
+
+    def absolute(p: str) -> str:
+        if "://" in p or os.path.isabs(p):
+            return p
+        return os.path.normpath(os.path.join(base, p))
+
+    def task(spec: str) -> str:
+        name, sep, where = spec.partition("=")
+        return f"{name}={absolute(where)}" if sep else spec
+
+    return replace(
+        cfg, store=absolute(cfg.store), data=replace(cfg.data, root=absolute(cfg.data.root)),
+        fewshot=replace(cfg.fewshot, tasks=tuple(task(t) for t in cfg.fewshot.tasks)),
+        finetune=replace(cfg.finetune, task=task(cfg.finetune.task)),
+    )

@@ -1,0 +1,75 @@
+"""Stage ``pretrain``: DeepSpeed ZeRO training of a ViT from the ingested shards, inside a Ray Train TorchTrainer.
+
+Writes (under its stage folder): Ray Train's run folder ``ray/`` with the sharded DeepSpeed checkpoints (the data
+stream's position inside), then ``model.pt`` (consolidated fp32 state_dict) and ``model.json`` (the ViTConfig, grid,
+prefix-token count): the only two files the evaluation stages read.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from vitpipe.jobs.configtools import to_dict
+from vitpipe.jobs.graph import StageContext
+from vitpipe.jobs.raytools import ensure_ray
+from vitpipe.jobs.store import StageResult, exists, join, local_path
+from vitpipe.jobs.train.loop import pretrain_worker
+from vitpipe.pipeline import Manifest
+
+log = logging.getLogger(__name__)
+
+# Settings that change how a run is executed or observed, not what it computes: kept out of the cache key.
+_NOT_IN_KEY = ("log_every", "max_failures", "peak_tflops", "placement_strategy", "keep_checkpoints")
+
+
+class PretrainStage:
+    name = "pretrain"
+    version = "1"
+
+    def inputs(self, cfg: Any) -> list[str]:
+        return ["ingest"]
+
+    def config(self, cfg: Any) -> dict:
+        p = {k: v for k, v in to_dict(cfg.pretrain).items() if k not in _NOT_IN_KEY}
+        return {"model": to_dict(cfg.model), "pretrain": p}
+
+    def run(self, cfg: Any, ctx: StageContext) -> StageResult:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        p = cfg.pretrain
+        manifest_url = ctx.inputs["ingest"].path("manifest")
+        manifest = Manifest.load(manifest_url)
+        mcfg = replace(cfg.model, num_classes=manifest.num_classes)
+        spec = {"model": mcfg.to_dict(), "pretrain": to_dict(p), "manifest_url": manifest_url,
+                "out_url": ctx.url, "tracking_uri": getattr(ctx.tracker, "uri", None),
+                "mlflow_run_id": ctx.tracker.run_id}
+        ensure_ray()
+        storage = local_path(ctx.url) or ctx.url
+        threads = p.threads_per_worker or p.cpus_per_worker
+        trainer = TorchTrainer(
+            pretrain_worker,
+            train_loop_config=spec,
+            scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu,
+                                         resources_per_worker={"CPU": p.cpus_per_worker},
+                                         placement_strategy=p.placement_strategy),
+            run_config=RunConfig(
+                name="ray", storage_path=storage,
+                failure_config=FailureConfig(max_failures=p.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints),
+                worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
+            ),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        if not exists(join(ctx.url, "model.pt")):
+            raise RuntimeError(f"pretrain finished but wrote no model.pt under {ctx.url}")
+        metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        ckpt_path = result.checkpoint.path if result.checkpoint else None
+        return StageResult(stage=self.name, key=ctx.key, metrics=metrics,
+                           artifacts={"model": "model.pt", "model_config": "model.json"},
+                           info={"checkpoint": ckpt_path, "num_classes": manifest.num_classes,
+                                 "classes": manifest.classes})

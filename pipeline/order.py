@@ -1,0 +1,221 @@
+"""Pure functions that decide which sample every rank and loader worker reads, and in which order.
+
+The epoch's sample order G is a *global* permutation, independent of the number of ranks and workers:
+
+1. shards are permuted by (seed, epoch);
+2. their samples are concatenated in that order (concat index c);
+3. positions are permuted block-wise: position p in block b = p // S maps to c = b*S + perm_{seed,epoch,b}[p % S]
+   (S = `shuffle_buffer`; a deterministic stand-in for a streaming shuffle buffer).
+
+G is never materialised (JFT: 300M samples); a worker maps only its own positions, one batch at a time.
+
+A *segment* runs the rest of an epoch with one (world, workers, batch, drop_last) setting. It cuts the remaining
+sequence R (intervals of G positions) into `world` contiguous rank parts of T*batch positions (so a rank reads few
+shards), each cut into contiguous per-worker parts; rank batch t is served by virtual worker (t + phase) % workers.
+Equal batch counts: drop_last drops < world*batch trailing positions; otherwise R is padded with copies of its first
+positions (< world*batch, marked as padding). After `consumed` batches per rank, the unseen positions of every part
+(plus the dropped tail) form the next R, so a resume continues with exactly the unseen samples - with the same world
+it reproduces the uninterrupted run batch for batch, with another world it re-splits them (elastic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+
+import numpy as np
+
+
+class Seq:
+    """A sequence of G positions stored as intervals [start, start+len), each flagged as padding or not."""
+
+    __slots__ = ("starts", "lens", "pad", "cum")
+
+    def __init__(self, starts, lens, pad):
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.lens = np.asarray(lens, dtype=np.int64)
+        self.pad = np.asarray(pad, dtype=bool)
+        keep = self.lens > 0
+        if not keep.all():
+            self.starts, self.lens, self.pad = self.starts[keep], self.lens[keep], self.pad[keep]
+        self.cum = np.concatenate([[0], np.cumsum(self.lens)])
+
+    @classmethod
+    def range(cls, n: int) -> "Seq":
+        return cls([0], [n], [False])
+
+    def __len__(self) -> int:
+        return int(self.cum[-1])
+
+    @property
+    def num_pad(self) -> int:
+        return int(self.lens[self.pad].sum())
+
+    def slice(self, a: int, b: int) -> "Seq":
+        """Positions [a, b) of this sequence (O(log n + k) with k intervals touched)."""
+        a, b = max(0, a), min(len(self), b)
+        if b <= a:
+            return Seq([], [], [])
+        i = int(np.searchsorted(self.cum, a, side="right")) - 1
+        j = int(np.searchsorted(self.cum, b, side="left"))
+        starts = self.starts[i:j].copy()
+        lens = self.lens[i:j].copy()
+        head = a - self.cum[i]
+        starts[0] += head
+        lens[0] -= head
+        lens[-1] -= self.cum[j] - b
+        return Seq(starts, lens, self.pad[i:j])
+
+    def strip_pad(self) -> "Seq":
+        return Seq(self.starts[~self.pad], self.lens[~self.pad], np.zeros(int((~self.pad).sum()), bool))
+
+    def as_pad(self) -> "Seq":
+        return Seq(self.starts, self.lens, np.ones(len(self.starts), bool))
+
+    @staticmethod
+    def concat(parts: list["Seq"]) -> "Seq":
+        if not parts:
+            return Seq([], [], [])
+        return Seq(np.concatenate([p.starts for p in parts]), np.concatenate([p.lens for p in parts]),
+                   np.concatenate([p.pad for p in parts]))
+
+    def positions(self) -> np.ndarray:
+        """All positions as one array (only for small sequences: a batch)."""
+        if len(self.starts) == 0:
+            return np.zeros(0, np.int64)
+        rep = np.repeat(self.starts - self.cum[:-1], self.lens)
+        return rep + np.arange(len(self), dtype=np.int64)
+
+    def intervals(self) -> list[tuple[int, int, bool]]:
+        return [(int(s), int(s + n), bool(p)) for s, n, p in zip(self.starts, self.lens, self.pad)]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One stretch of an epoch run with a fixed layout; `consumed` = batches each rank has taken in it."""
+
+    world: int
+    workers: int
+    batch: int
+    drop_last: bool
+    phase: int = 0
+    consumed: int = 0
+
+    def layout_key(self) -> tuple:
+        return (self.world, self.workers, self.batch, self.drop_last, self.phase)
+
+    def to_list(self) -> list[int]:
+        return [int(x) for x in astuple(self)]
+
+    @classmethod
+    def from_list(cls, v) -> "Segment":
+        w, n, b, d, p, c = v
+        return cls(world=int(w), workers=int(n), batch=int(b), drop_last=bool(d), phase=int(p), consumed=int(c))
+
+
+def count_mod(lo: int, hi: int, n: int, v: int) -> int:
+    """How many integers t in [lo, hi) have t % n == v."""
+
+    def upto(x: int) -> int:  # integers in [0, x) congruent to v
+        return max(0, (x - v + n - 1) // n)
+
+    return upto(hi) - upto(lo)
+
+
+def use_sequence(R: Seq, world: int, batch: int, drop_last: bool) -> tuple[Seq, int, Seq]:
+    """(the padded/truncated sequence the segment reads, batches per rank T, dropped tail)."""
+    gb = world * batch
+    if drop_last:
+        R = R.strip_pad() if R.num_pad else R
+        T = len(R) // gb
+        return R.slice(0, T * gb), T, R.slice(T * gb, len(R))
+    if len(R) % gb == 0 and R.num_pad < gb:
+        return R, len(R) // gb, Seq([], [], [])  # e.g. an unchanged layout after resume: keep its padding
+    R = R.strip_pad() if R.num_pad else R
+    T = -(-len(R) // gb)
+    need, pads = T * gb - len(R), []
+    while need > 0:  # cyclic copies of the first positions (more than one lap only for tiny datasets)
+        take = min(need, len(R))
+        pads.append(R.slice(0, take).as_pad())
+        need -= take
+    return Seq.concat([R, *pads]), T, Seq([], [], [])
+
+
+def worker_part(used: Seq, T: int, rank: int, vworker: int, seg: Segment) -> Seq:
+    """The positions virtual worker `vworker` of `rank` reads in a segment, in order (its batches back to back)."""
+    B, n = seg.batch, seg.workers
+    rank_part = used.slice(rank * T * B, (rank + 1) * T * B)
+    off = sum(count_mod(seg.phase, T + seg.phase, n, u) for u in range(vworker))
+    mine = count_mod(seg.phase, T + seg.phase, n, vworker)
+    return rank_part.slice(off * B, (off + mine) * B)
+
+
+def remaining(R: Seq, seg: Segment) -> Seq:
+    """The positions of R not yet consumed after `seg.consumed` batches on every rank."""
+    used, T, tail = use_sequence(R, seg.world, seg.batch, seg.drop_last)
+    k, B, n = min(seg.consumed, T), seg.batch, seg.workers
+    parts = []
+    for r in range(seg.world):
+        for v in range(n):
+            done = count_mod(seg.phase, k + seg.phase, n, v)
+            p = worker_part(used, T, r, v, seg)
+            parts.append(p.slice(done * B, len(p)))
+    parts.append(tail)
+    return Seq.concat(parts)
+
+
+def segment_sequence(total: int, history: list[Segment]) -> Seq:
+    """The epoch's remaining sequence after replaying the finished segments in `history`."""
+    R = Seq.range(total)
+    for seg in history:
+        R = remaining(R, seg)
+    return R
+
+
+def next_phase(prev: Segment, workers: int) -> int:
+    """Phase of a segment following `prev`: keeps the round-robin alignment when the worker count is unchanged."""
+    return (prev.phase + prev.consumed) % workers if workers == prev.workers else 0
+
+
+def shard_permutation(num_shards: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The epoch's shard order (a pure function of seed and epoch)."""
+    if not shuffle:
+        return np.arange(num_shards)
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_shards)
+
+
+class GlobalOrder:
+    """Maps G positions of one epoch to (shard index, sample index within the shard)."""
+
+    def __init__(self, counts, seed: int, epoch: int, block: int, shuffle: bool = True):
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.seed, self.epoch, self.block, self.shuffle = seed, epoch, block, shuffle
+        self.shard_perm = shard_permutation(len(self.counts), seed, epoch, shuffle)
+        self.cum = np.concatenate([[0], np.cumsum(self.counts[self.shard_perm])])
+        self.total = int(self.cum[-1])
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _block_perm(self, b: int) -> np.ndarray:
+        p = self._perms.get(b)
+        if p is None:
+            n = min(self.block, self.total - b * self.block)
+            p = np.random.default_rng([self.seed, self.epoch, b, 0xB10C]).permutation(n)
+            if len(self._perms) >= 8:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[b] = p
+        return p
+
+    def concat_index(self, pos: np.ndarray) -> np.ndarray:
+        if not self.shuffle:
+            return pos
+        out = np.empty_like(pos)
+        blocks = pos // self.block
+        for b in np.unique(blocks):
+            m = blocks == b
+            out[m] = b * self.block + self._block_perm(int(b))[pos[m] - b * self.block]
+        return out
+
+    def lookup(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, sample index in shard) for each position."""
+        c = self.concat_index(np.asarray(pos, dtype=np.int64))
+        slot = np.searchsorted(self.cum, c, side="right") - 1
+        return self.shard_perm[slot], c - self.cum[slot]

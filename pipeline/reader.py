@@ -1,0 +1,183 @@
+"""The worker side of streaming: read shards (with retries), map positions to samples, decode, build batches.
+
+Runs in the calling process (num_workers=0) or inside torch DataLoader workers; each process opens its own fsspec
+filesystem (fsspec filesystems are not fork-safe).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import tarfile
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import StreamConfig
+from .manifest import url_to_fs
+from .order import GlobalOrder, Seq
+from .sources import IMAGE_EXTS
+from .transforms import ImageTransform, normalize_batch, sample_seed
+
+log = logging.getLogger(__name__)
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError)
+
+
+@dataclass
+class Job:
+    """What one loader worker produces: batches [start, stop) of its position sequence."""
+
+    seq: Seq
+    start: int
+    stop: int
+
+
+def parse_shard(data: bytes, exclude: set[str]) -> tuple[list[tuple[str, bytes, object]], bool]:
+    """Samples (key, image bytes, label) of a tar shard in file order, minus `exclude`; and whether the tar was
+    cut short (a truncated shard still yields its complete samples)."""
+    groups: dict[str, dict] = {}
+    truncated = False
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    continue
+                key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
+                ext = base.split(".", 1)[1]
+                if ext in ("cls", "labels") or ext.lower() in IMAGE_EXTS:
+                    groups.setdefault(key, {})[ext.lower()] = tf.extractfile(m).read()
+    except (tarfile.TarError, EOFError, OSError):
+        truncated = True
+    out = []
+    for key, g in groups.items():
+        if key in exclude:
+            continue
+        img = next((g[e] for e in ("jpg", "jpeg", "png", "webp") if e in g), None)
+        if img is None:
+            continue
+        if "labels" in g:
+            label = [int(x) for x in g["labels"].decode().split(",") if x.strip()]
+        elif "cls" in g:
+            label = int(g["cls"].decode())
+        else:
+            continue  # a sample cut off before its label member: incomplete
+        out.append((key, img, label))
+    return out, truncated
+
+
+class ShardCache:
+    """A small LRU of parsed shards for one process, reading with retries and exponential backoff."""
+
+    def __init__(self, urls: list[str], exclude: dict[int, set[str]], cfg: StreamConfig, capacity: int):
+        self.urls, self.exclude, self.cfg, self.capacity = urls, exclude, cfg, max(2, capacity)
+        self._fs = None
+        self._lru: OrderedDict[int, list] = OrderedDict()
+        self.stats = {"retries": 0, "failed_shards": 0, "truncated_shards": 0}
+
+    def _read(self, url: str) -> bytes | None:
+        if self._fs is None:
+            self._fs = url_to_fs(url, self.cfg.storage_options, fresh=True)[0]
+        path = self._fs._strip_protocol(url)
+        for attempt in range(self.cfg.read_retries):
+            try:
+                return self._fs.cat_file(path)
+            except OSError as e:  # network blips, throttling, eventual consistency: retry with backoff
+                if attempt + 1 == self.cfg.read_retries:
+                    log.warning("shard %s unreadable after %d attempts: %s", url, attempt + 1, e)
+                    return None
+                self.stats["retries"] += 1
+                time.sleep(min(2.0, 0.05 * 2**attempt))
+        return None
+
+    def get(self, shard: int) -> list:
+        hit = self._lru.get(shard)
+        if hit is not None:
+            self._lru.move_to_end(shard)
+            return hit
+        data = self._read(self.urls[shard])
+        if data is None:
+            self.stats["failed_shards"] += 1
+            samples = []
+        else:
+            samples, truncated = parse_shard(data, self.exclude.get(shard, set()))
+            if truncated:
+                self.stats["truncated_shards"] += 1
+                log.warning("shard %s is truncated or corrupt: %d samples readable", self.urls[shard], len(samples))
+        self._lru[shard] = samples
+        while len(self._lru) > self.capacity:
+            self._lru.popitem(last=False)
+        return samples
+
+
+class BatchReader(torch.utils.data.IterableDataset):
+    """Yields (images, labels, keys, stats delta) for the jobs of this process (one job per loader worker)."""
+
+    def __init__(self, *, urls, counts, exclude, cfg: StreamConfig, epoch: int, jobs: list[Job],
+                 num_classes: int, multi_label: bool):
+        super().__init__()
+        self.urls, self.counts, self.exclude, self.cfg, self.epoch = urls, counts, exclude, cfg, epoch
+        self.jobs, self.num_classes, self.multi_label = jobs, num_classes, multi_label
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        job = self.jobs[info.id if info is not None else 0]
+        cfg = self.cfg
+        order = GlobalOrder(self.counts, cfg.seed, self.epoch, cfg.shuffle_buffer, cfg.shuffle)
+        min_count = max(1, int(np.min(self.counts[self.counts > 0])) if (self.counts > 0).any() else 1)
+        cache = ShardCache(self.urls, self.exclude, cfg, capacity=-(-cfg.shuffle_buffer // min_count) + 2)
+        tf = ImageTransform(cfg.img_size, cfg.train, cfg.rrc_scale, cfg.rrc_ratio, cfg.hflip, cfg.mean, cfg.std)
+        B = cfg.batch_size
+        for i in range(job.start, job.stop):
+            pos = job.seq.slice(i * B, (i + 1) * B).positions()
+            before = dict(cache.stats)
+            yield self._batch(order, cache, tf, pos) + (
+                {k: cache.stats[k] - before[k] for k in cache.stats},)
+
+    def _batch(self, order: GlobalOrder, cache: ShardCache, tf: ImageTransform, pos: np.ndarray):
+        cfg = self.cfg
+        shards, idxs = order.lookup(pos)
+        out = np.empty((len(pos), cfg.img_size, cfg.img_size, 3), dtype=np.uint8)
+        labels: list = [None] * len(pos)
+        keys: list = [""] * len(pos)
+        good = np.zeros(len(pos), dtype=bool)
+        for j, (s, i) in enumerate(zip(shards.tolist(), idxs.tolist())):
+            samples = cache.get(s)
+            if i >= len(samples):
+                continue  # shard unreadable, truncated, or shorter than the manifest says
+            key, data, label = samples[i]
+            keys[j], labels[j] = key, label
+            rng = random.Random(sample_seed(cfg.seed, self.epoch, key)) if cfg.train else None
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out[j] = tf.to_uint8(data, rng)
+                good[j] = True
+            except _DECODE_ERRORS:
+                pass
+        n_bad = int((~good).sum())
+        if n_bad:
+            # keep batch shapes and per-rank counts equal: a bad slot repeats a good sample of the same batch
+            ok = np.flatnonzero(good)
+            if len(ok) == 0:
+                raise RuntimeError(f"every sample of a batch is unreadable (shards {sorted(set(shards.tolist()))})")
+            for j in np.flatnonzero(~good):
+                src = ok[np.searchsorted(ok, j) % len(ok)]
+                out[j], labels[j], keys[j] = out[src], labels[src], keys[src]
+        images = normalize_batch(out, cfg.mean, cfg.std)
+        if self.multi_label:
+            y = torch.zeros(len(pos), self.num_classes)
+            for j, lab in enumerate(labels):
+                y[j, lab if isinstance(lab, list) else [lab]] = 1.0
+        else:
+            y = torch.tensor([lab if isinstance(lab, int) else lab[0] for lab in labels], dtype=torch.int64)
+        return images, y, keys, n_bad

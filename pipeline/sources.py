@@ -1,0 +1,219 @@
+"""Ingest sources as flat lists of `SourceItem`: image folders, tar/WebDataset shards, list files of (URL, labels).
+
+Listing is cheap and deterministic (sorted); bytes are read later, in the process that writes the shard.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from dataclasses import dataclass
+
+from .manifest import MANIFEST_NAME, join_url, url_to_fs
+
+IMAGE_EXTS = {"jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff", "ppm"}
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One source image: where its bytes are (a file, or a byte range of a tar), its labels (class names)."""
+
+    key: str
+    """Unique sample key, no dots (WebDataset splits member names at the first dot)."""
+    url: str
+    """fsspec URL of the file holding the bytes."""
+    labels: tuple[str, ...]
+    """Class names (one for single-label data)."""
+    ext: str
+    """Lower-case image extension at the source ("jpg", "png", ...)."""
+    size: int = -1
+    """Byte size of the image (-1: unknown)."""
+    offset: int | None = None
+    """Byte offset inside `url` (tar members); None: the whole file."""
+    origin: str = ""
+    """Human-readable origin (relative path / tar member), stored in the sample's JSON."""
+
+
+def sanitize_key(text: str) -> str:
+    """A WebDataset-safe key: letters, digits, '_' and '-' only."""
+    return _KEY_BAD.sub("_", text)
+
+
+def unique_keys(raw: list[str]) -> list[str]:
+    """Sanitised keys, de-collided deterministically with a numeric suffix."""
+    out, seen = [], set()
+    for r in raw:
+        k = base = sanitize_key(r) or "sample"
+        n = 1
+        while k in seen:
+            k, n = f"{base}_{n}", n + 1
+        seen.add(k)
+        out.append(k)
+    return out
+
+
+def _ext(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
+
+
+def list_image_folder(root: str, split: str | None = None, storage_options: dict | None = None) -> list[SourceItem]:
+    """Items of `<root>/<class>/**/<img>` (or `<root>/<split>/<class>/**/<img>`), sorted by path."""
+    base = join_url(root, split) if split else root.rstrip("/")
+    fs, path = url_to_fs(base, storage_options)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"image folder not found: {base}")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+    found = fs.find(path, detail=True)
+    path = path.rstrip("/")
+    rows = []
+    for p, info in sorted(found.items()):
+        rel = p[len(path) + 1 :]
+        parts = rel.split("/")
+        if len(parts) < 2 or _ext(p) not in IMAGE_EXTS:
+            continue  # files at the top level or non-images (README, .DS_Store) are not samples
+        rows.append((rel, parts[0], prefix + p, int(info.get("size") or -1)))
+    if not rows:
+        raise FileNotFoundError(f"no images found under {base} (expected <class>/<image> sub-folders)")
+    keys = unique_keys([rel.rsplit(".", 1)[0] for rel, *_ in rows])
+    return [
+        SourceItem(key=k, url=u, labels=(c,), ext=_ext(rel), size=s, origin=rel)
+        for k, (rel, c, u, s) in zip(keys, rows)
+    ]
+
+
+def _tar_urls(src: str, fs, path: str) -> list[str]:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+    if fs.isdir(path):
+        return [prefix + p for p in sorted(fs.glob(path.rstrip("/") + "/*.tar"))]
+    if any(ch in src for ch in "*?[{"):
+        import braceexpand  # webdataset's dependency; expands shard-{000..009}.tar
+
+        return sorted({prefix + p for pat in braceexpand.braceexpand(path) for p in fs.glob(pat)})
+    return [prefix + path]
+
+
+def _labels_of(members: dict[str, bytes], class_names: list[str] | None) -> tuple[str, ...] | None:
+    if "json" in members:
+        meta = json.loads(members["json"])
+        if isinstance(meta, dict) and "labels" in meta:
+            return tuple(str(x) for x in meta["labels"])
+        if isinstance(meta, dict) and "label" in meta:
+            return (str(meta["label"]),)
+    ints = None
+    if "labels" in members:
+        ints = [int(x) for x in members["labels"].decode().split(",") if x.strip()]
+    elif "cls" in members:
+        ints = [int(members["cls"].decode().strip())]
+    if ints is not None:
+        return tuple(class_names[i] if class_names and 0 <= i < len(class_names) else str(i) for i in ints)
+    if "txt" in members:
+        return (members["txt"].decode().strip(),)
+    return None
+
+
+def list_tar_source(src: str, storage_options: dict | None = None) -> tuple[list[SourceItem], list[str] | None]:
+    """Items of existing tar/WebDataset shards (a .tar, a folder of .tar, or a brace/glob pattern).
+
+    Returns (items, class names from a `manifest.json` next to the tars, if any). Labels come from the sample's
+    `.json` ("labels"/"label"), `.labels`/`.cls` (indices, mapped through the manifest's classes), or `.txt`.
+    Items without an image or without labels get the label `None` marker and are counted bad by ingest.
+    """
+    fs, path = url_to_fs(src, storage_options)
+    urls = _tar_urls(src, fs, path)
+    if not urls:
+        raise FileNotFoundError(f"no .tar shards found at {src}")
+    class_names = None
+    man_dir = path.rstrip("/") if fs.isdir(path) else path.rsplit("/", 1)[0]
+    if fs.exists(man_dir + "/" + MANIFEST_NAME):
+        with fs.open(man_dir + "/" + MANIFEST_NAME, "rb") as f:
+            class_names = json.loads(f.read()).get("classes")
+    items = []
+    for url in urls:
+        tfs, tpath = url_to_fs(url, storage_options)
+        if not tfs.exists(tpath):
+            raise FileNotFoundError(f"tar shard not found: {url}")
+        groups: dict[str, dict] = {}
+        with tfs.open(tpath, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                name = m.name
+                d, base = (name.rsplit("/", 1) if "/" in name else ("", name))
+                if "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)
+                g = groups.setdefault((d + "/" if d else "") + stem, {"small": {}, "img": None})
+                if ext.lower() in IMAGE_EXTS and g["img"] is None:
+                    g["img"] = (ext.lower(), m.offset_data, m.size, name)
+                elif ext in ("cls", "labels", "txt", "json") and m.size < 1 << 20:
+                    g["small"][ext] = tf.extractfile(m).read()
+        tar_name = url.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        for key in sorted(groups):
+            g = groups[key]
+            labels = _labels_of(g["small"], class_names)
+            ext, off, size, name = g["img"] if g["img"] else ("", None, -1, key)
+            items.append(SourceItem(key=key, url=url, labels=labels if labels is not None else (),
+                                    ext=ext, size=size, offset=off if g["img"] else -1,
+                                    origin=f"{tar_name}/{name}"))
+    keys = unique_keys([it.key for it in items])
+    items = [SourceItem(**{**it.__dict__, "key": k}) for k, it in zip(keys, items)]
+    return items, class_names
+
+
+def list_file_source(src: str, storage_options: dict | None = None) -> list[SourceItem]:
+    """Items of a list file: one `URL<TAB>label[,label...]` row per image; `#` comments; relative URLs resolve
+    against the list file's folder. Rows without labels are kept with no labels (counted bad by ingest)."""
+    fs, path = url_to_fs(src, storage_options)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"list file not found: {src}")
+    base = src.rsplit("/", 1)[0] if "/" in src else "."
+    with fs.open(path, "rt") as f:
+        lines = f.read().splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split("\t") if "\t" in line else line.split(None, 1)
+        url = parts[0].strip()
+        labels = tuple(x.strip() for x in parts[1].split(",") if x.strip()) if len(parts) > 1 else ()
+        if "://" not in url and not url.startswith("/"):
+            url = join_url(base, url)
+        rows.append((url, labels))
+    if not rows:
+        raise ValueError(f"list file {src} has no rows (expected URL<TAB>labels)")
+    keys = unique_keys([u.split("://", 1)[-1].rsplit(".", 1)[0].lstrip("/") for u, _ in rows])
+    return [SourceItem(key=k, url=u, labels=lab, ext=_ext(u), origin=u) for k, (u, lab) in zip(keys, rows)]
+
+
+def list_source(src: str, split: str | None = None, storage_options: dict | None = None):
+    """Dispatch on the source's shape: list file (.txt/.tsv/.csv), tar(s), or image folder.
+
+    Returns (items, class names known from the source or None)."""
+    lower = src.lower().rstrip("/")
+    if lower.endswith((".txt", ".tsv", ".lst")):
+        return list_file_source(src, storage_options), None
+    if lower.endswith(".tar") or "{" in src or "*" in src:
+        return list_tar_source(src, storage_options)
+    fs, path = url_to_fs(src, storage_options)
+    if fs.isdir(path) and fs.glob(path.rstrip("/") + "/*.tar"):
+        return list_tar_source(src, storage_options)
+    return list_image_folder(src, split, storage_options), None
+
+
+def read_item(item: SourceItem, fs_cache: dict, storage_options: dict | None = None) -> bytes:
+    """The item's image bytes (one fsspec filesystem per protocol per process, cached in `fs_cache`)."""
+    proto = item.url.split("://", 1)[0] if "://" in item.url else "file"
+    if proto not in fs_cache:
+        fs_cache[proto] = url_to_fs(item.url, storage_options, fresh=True)[0]
+    fs = fs_cache[proto]
+    path = fs._strip_protocol(item.url)
+    if item.offset is None:
+        return fs.cat_file(path)
+    if item.offset < 0:
+        raise FileNotFoundError(f"no image member for {item.origin}")
+    return fs.cat_file(path, start=item.offset, end=item.offset + item.size)

@@ -1,0 +1,190 @@
+"""`ShardStream`: the per-rank iterable of training/eval batches over a manifest's shards.
+
+Deterministic (order and augmentation from seed, epoch, key), equal batch counts on every rank, exactly-once per
+epoch up to documented padding, mid-epoch resumable from a few ints, elastic across world sizes (see `order`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from .config import StreamConfig
+from .manifest import Manifest, load_exclusions
+from .order import Seq, Segment, count_mod, next_phase, segment_sequence, use_sequence, worker_part
+from .reader import BatchReader, Job
+
+log = logging.getLogger(__name__)
+
+
+class ShardStream:
+    """Batches `(images (B,3,H,W) float32, labels)` for one rank; labels int64 (B,) or multi-hot float (B, C).
+
+    Iterating runs the rest of the current epoch, then advances to the next epoch; `set_epoch(e)` jumps to the start
+    of epoch e (a no-op when already in e, so it is safe after `load_state_dict`). `state_dict()` after k batches
+    resumes at batch k+1, also with another world size / worker count (the unseen samples are re-split).
+    """
+
+    def __init__(self, manifest: Manifest | str, cfg: StreamConfig | None = None, rank: int = 0,
+                 world_size: int = 1):
+        self.cfg = cfg or StreamConfig()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardStream: rank {rank} outside world_size {world_size}")
+        self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest,
+                                                                                      self.cfg.storage_options)
+        self.rank, self.world_size = rank, world_size
+        self.workers = max(1, self.cfg.num_workers)
+        exclude = {k: set(v) for k, v in self.manifest.exclude.items()}
+        if self.cfg.exclude:
+            for k, v in load_exclusions(self.cfg.exclude, self.cfg.storage_options).items():
+                exclude.setdefault(k, set()).update(v)
+        names = {s.name: i for i, s in enumerate(self.manifest.shards)}
+        unknown = sorted(set(exclude) - set(names))
+        if unknown:
+            raise ValueError(f"exclusion list names shards not in the manifest: {unknown[:3]}")
+        self._exclude = {names[k]: v for k, v in exclude.items() if v}
+        self.counts = np.array([s.num_samples - len(self._exclude.get(i, ())) for i, s in
+                                enumerate(self.manifest.shards)], dtype=np.int64)
+        if (self.counts < 0).any():
+            raise ValueError("exclusion list removes more samples than a shard holds")
+        self.total = int(self.counts.sum())
+        self.urls = [self.manifest.url(s) for s in self.manifest.shards]
+        self._epoch, self._history, self._consumed = 0, [], 0
+        self._segment = self._fresh_segment()
+        self.stats = {"samples": 0, "batches": 0, "skipped_corrupt": 0, "wait_s": 0.0, "last_wait_s": 0.0,
+                      "read_retries": 0, "failed_shards": 0, "truncated_shards": 0}
+        self.check()
+
+    # ----- layout -----
+    def _fresh_segment(self) -> Segment:
+        return Segment(world=self.world_size, workers=self.workers, batch=self.cfg.batch_size,
+                       drop_last=self.cfg.drop_last)
+
+    def _layout(self) -> tuple[Seq, int]:
+        R = segment_sequence(self.total, self._history)
+        used, T, _ = use_sequence(R, self.world_size, self.cfg.batch_size, self.cfg.drop_last)
+        return used, T
+
+    def batches_per_epoch(self) -> int:
+        """Batches per rank in a full epoch with this layout; identical on every rank."""
+        return use_sequence(Seq.range(self.total), self.world_size, self.cfg.batch_size, self.cfg.drop_last)[1]
+
+    def remaining_batches(self) -> int:
+        """Batches left in the current epoch on this rank (after a resume: of the current segment)."""
+        return self._layout()[1] - self._consumed
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def check(self) -> dict:
+        """Pre-launch check: raises when an epoch would have no batch; warns when shards < ranks x workers (the
+        streams then share shards - correct, but each such shard is read by several streams)."""
+        T = self.batches_per_epoch()
+        gb = self.world_size * self.cfg.batch_size
+        if T == 0:
+            raise ValueError(f"{self.total} samples cannot fill one global batch of {gb} "
+                             f"(world {self.world_size} x batch {self.cfg.batch_size}); lower batch_size or set "
+                             f"drop_last=False")
+        streams = self.world_size * self.workers
+        n_shards = int((self.counts > 0).sum())
+        if n_shards < streams:
+            log.warning("%d shards for %d ranks x %d workers: streams share shards (each read by up to %d "
+                        "streams); re-ingest with smaller shards for full read parallelism",
+                        n_shards, self.world_size, self.workers, -(-streams // max(1, n_shards)) + 1)
+        pad = 0 if self.cfg.drop_last else T * gb - self.total
+        dropped = self.total - T * gb if self.cfg.drop_last else 0
+        return {"batches_per_epoch": T, "padding": pad, "dropped": dropped, "shards": n_shards, "streams": streams}
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            self._epoch, self._history, self._consumed = epoch, [], 0
+            self._segment = self._fresh_segment()
+
+    # ----- resume -----
+    def state_dict(self) -> dict:
+        """A few ints: epoch, seed, samples in the manifest, and the (usually single) layout segment(s)."""
+        seg = Segment(**{**self._segment.__dict__, "consumed": self._consumed})
+        return {"epoch": self._epoch, "seed": self.cfg.seed, "total": self.total,
+                "segment": seg.to_list(), "history": [s.to_list() for s in self._history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.cfg.seed:
+            raise ValueError(f"stream state has seed {state['seed']}, this stream seed {self.cfg.seed}")
+        if state["total"] != self.total:
+            raise ValueError(f"stream state is for {state['total']} samples, this manifest has {self.total}")
+        self._epoch = int(state["epoch"])
+        self._history = [Segment.from_list(s) for s in state["history"]]
+        prev = Segment.from_list(state["segment"])
+        mine = self._fresh_segment()
+        if (prev.world, prev.workers, prev.batch, prev.drop_last) == (mine.world, mine.workers, mine.batch,
+                                                                      mine.drop_last):
+            self._segment, self._consumed = Segment(**{**prev.__dict__, "consumed": 0}), prev.consumed
+        else:  # elastic: close the old layout; the unseen samples are re-split under the new one
+            self._history.append(prev)
+            self._segment = Segment(**{**mine.__dict__, "phase": next_phase(prev, self.workers)})
+            self._consumed = 0
+
+    # ----- iteration -----
+    def _jobs(self, used: Seq, T: int) -> list[Job]:
+        seg, k, n = self._segment, self._consumed, self.workers
+        jobs = []
+        for w in range(n):
+            v = (w + seg.phase + k) % n  # loader worker w serves the batches t with (t + phase) % n == v
+            seq = worker_part(used, T, self.rank, v, seg)
+            start = count_mod(seg.phase, k + seg.phase, n, v)
+            jobs.append(Job(seq=seq, start=start, stop=len(seq) // self.cfg.batch_size))
+        return jobs
+
+    def __iter__(self):
+        for images, labels, _ in self.iter_batches(with_keys=True):
+            yield images, labels
+
+    def iter_batches(self, with_keys: bool = True):
+        """Like iterating the stream, yielding (images, labels, keys) - keys identify samples (tests, dedup)."""
+        used, T = self._layout()
+        if self._consumed >= T:
+            return
+        reader = BatchReader(urls=self.urls, counts=self.counts, exclude=self._exclude, cfg=self.cfg,
+                             epoch=self._epoch, jobs=self._jobs(used, T),
+                             num_classes=self.manifest.num_classes, multi_label=self.manifest.multi_label)
+        if self.cfg.num_workers > 0:
+            src = torch.utils.data.DataLoader(
+                reader, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
+                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
+        else:
+            src = reader
+        it = iter(src)
+        while self._consumed < T:
+            t0 = time.perf_counter()
+            try:
+                images, labels, keys, n_bad, io_stats = next(it)
+            except StopIteration:
+                raise RuntimeError(f"rank {self.rank}: loader ended after {self._consumed} of {T} batches") from None
+            if self.cfg.pin_memory and self.cfg.num_workers == 0:
+                images = images.pin_memory()
+            wait = time.perf_counter() - t0
+            st = self.stats
+            st["wait_s"] += wait
+            st["last_wait_s"] = wait
+            st["skipped_corrupt"] += int(n_bad)
+            st["read_retries"] += int(io_stats["retries"])
+            st["failed_shards"] += int(io_stats["failed_shards"])
+            st["truncated_shards"] += int(io_stats["truncated_shards"])
+            st["samples"] += len(keys)
+            st["batches"] += 1
+            self._consumed += 1
+            if self._consumed == T:  # epoch done: the state moves to the start of the next one
+                self._epoch, self._history, self._consumed = self._epoch + 1, [], 0
+                self._segment = self._fresh_segment()
+                yield images, labels, list(keys)
+                return
+            yield images, labels, list(keys)
+
+    def forever(self):
+        """Endless batches over successive epochs (step-based training loops)."""
+        while True:
+            yield from self

@@ -1,0 +1,121 @@
+"""Decode + augment with PIL/numpy: Inception random-resized crop + flip (train), resize + center crop (eval).
+
+JPEGs are decoded at reduced size (`Image.draft`: DCT scaling by 1/2, 1/4, 1/8) whenever the output needs no more
+pixels, which is what makes photo-size streaming cheap. Pixel work is uint8 per image; normalisation to float is
+done once per batch (`normalize_batch`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+Image.MAX_IMAGE_PIXELS = None  # real photos, not decompression bombs
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    """The per-sample augmentation seed: a pure function of (seed, epoch, key)."""
+    h = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little")
+
+
+def rrc_box(w: int, h: int, rng, scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[float, ...]:
+    """Inception-style random crop box (x0, y0, x1, y1): area fraction in `scale`, log-uniform aspect in `ratio`,
+    10 attempts then a center crop clamped to `ratio` (the torchvision/big_vision recipe)."""
+    area = w * h
+    lr = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        ar = math.exp(rng.uniform(lr[0], lr[1]))
+        cw = math.sqrt(target * ar)
+        ch = math.sqrt(target / ar)
+        if 0 < cw <= w and 0 < ch <= h:
+            x0 = rng.uniform(0, w - cw)
+            y0 = rng.uniform(0, h - ch)
+            return (x0, y0, x0 + cw, y0 + ch)
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, w / ratio[0]
+    elif in_ratio > ratio[1]:
+        cw, ch = h * ratio[1], h
+    else:
+        cw, ch = w, h
+    x0, y0 = (w - cw) / 2, (h - ch) / 2
+    return (x0, y0, x0 + cw, y0 + ch)
+
+
+def center_box(w: int, h: int) -> tuple[float, ...]:
+    """The central square: resizing it to img_size equals resize-short-side + center-crop."""
+    s = min(w, h)
+    x0, y0 = (w - s) / 2, (h - s) / 2
+    return (x0, y0, x0 + s, y0 + s)
+
+
+def open_image(data: bytes | Image.Image) -> Image.Image:
+    return data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
+
+
+def crop_resize(img: Image.Image, box: tuple[float, ...], size: int) -> Image.Image:
+    """Crop `box` (in full-resolution pixels) and resize to size x size, decoding JPEGs at reduced scale when the
+    crop still has >= `size` pixels per side after DCT scaling."""
+    w, h = img.size
+    if img.format == "JPEG" and getattr(img, "tile", None):
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        # ask for a full image so large that the crop region keeps >= size pixels per side
+        req = (max(1, math.ceil(w * size / bw)), max(1, math.ceil(h * size / bh)))
+        img.draft("RGB", req)
+        sx, sy = img.size[0] / w, img.size[1] / h
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img.resize((size, size), Image.BILINEAR, box=box)
+
+
+class ImageTransform:
+    """PIL image or encoded bytes -> normalised float tensor (3, H, W).
+
+    train=True: Inception random-resized crop (`scale`, `ratio`) + horizontal flip; train=False: resize short side
+    to `img_size` + center crop. `rng` (a `random.Random`, numpy Generator or int seed) makes train crops
+    reproducible; the stream passes one derived from (seed, epoch, key).
+    """
+
+    def __init__(self, img_size: int = 224, train: bool = False, scale: tuple[float, float] = (0.35, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
+                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)):
+        if img_size < 1:
+            raise ValueError(f"ImageTransform.img_size must be >= 1, got {img_size}")
+        self.img_size, self.train, self.scale, self.ratio, self.hflip = img_size, train, scale, ratio, hflip
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def to_uint8(self, data: bytes | Image.Image, rng=None) -> np.ndarray:
+        """(H, W, 3) uint8 after crop/resize/flip; raises PIL/OSError errors on corrupt data."""
+        img = open_image(data)
+        w, h = img.size
+        if self.train:
+            rng = random.Random(rng) if rng is None or isinstance(rng, int) else rng
+            box = rrc_box(w, h, rng, self.scale, self.ratio)
+            flip = self.hflip and rng.random() < 0.5
+        else:
+            box, flip = center_box(w, h), False
+        arr = np.asarray(crop_resize(img, box, self.img_size))
+        return arr[:, ::-1] if flip else arr
+
+    def __call__(self, data: bytes | Image.Image, rng=None) -> torch.Tensor:
+        return normalize_batch(self.to_uint8(data, rng)[None], self.mean, self.std)[0]
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(img_size={self.img_size}, train={self.train}, scale={self.scale}, hflip={self.hflip})"
+
+
+def normalize_batch(batch: np.ndarray, mean, std) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 of (x/255 - mean) / std, in one pass per channel."""
+    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+    return x.mul_(scale).sub_(shift).contiguous()

@@ -1,0 +1,48 @@
+"""Shared fixtures: real data paths, one local Ray head per session (loopback, auth mode explicit), MLflow sqlite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+CIFAR10 = SHARED_DATA / "cifar10"
+HYMENOPTERA = SHARED_DATA / "hymenoptera"
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="session")
+def cifar10_root() -> Path:
+    if not (CIFAR10 / "train").is_dir():
+        pytest.skip(f"CIFAR-10 JPEG folders not found at {CIFAR10} (../shared/data beside the repo)")
+    return CIFAR10
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_root() -> Path:
+    if not (HYMENOPTERA / "train").is_dir():
+        pytest.skip(f"hymenoptera photos not found at {HYMENOPTERA}")
+    return HYMENOPTERA
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (a cold start costs ~30-60 s on 2 cores)."""
+    import ray
+
+    from vitpipe.jobs.raytools import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
