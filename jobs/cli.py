@@ -32,7 +32,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -157,6 +157,7 @@ def runs(store: str = typer.Option("runs", help="Store root.")) -> None:
 
 def main() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         app()
     except KeyboardInterrupt:

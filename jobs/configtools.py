@@ -77,7 +77,7 @@ def _set(obj: Any, parts: list[str], raw: str, full: str) -> Any:
     fields = {f.name for f in dataclasses.fields(obj) if f.init}
     name = parts[0]
     if name not in fields:
-        prefix = full[: len(full) - len(".".join(parts))]
+        prefix = full[: len(full) - len(".".join(parts))].rstrip(".")
         raise ConfigError(f"unknown config key '{full}' (valid under '{prefix or '<root>'}': {', '.join(sorted(fields))})")
     current = getattr(obj, name)
     if len(parts) > 1:

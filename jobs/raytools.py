@@ -23,6 +23,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+        # The dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group cleaner polls.
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1",
                  runtime_env=env, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
     log.info("ray: %s", ray.cluster_resources())

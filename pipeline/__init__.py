@@ -1,6 +1,7 @@
 """vitpipe.pipeline: data layer - sources -> WebDataset shards + manifest, deterministic resumable streaming,
 decode/augment, downstream tasks, de-duplication. Imports neither vitpipe.models, Ray, MLflow nor DeepSpeed."""
 
+from .dedup import DedupReport, dedup, phash
 from .config import IngestConfig, StreamConfig
 from .ingest import IngestError, IngestPlan, finalize, ingest, plan_ingest, plan_shards
 from .manifest import Manifest, ShardInfo, load_exclusions
@@ -11,7 +12,7 @@ from .tasks import DigitsTask, ImageFolderTask, Task
 from .transforms import ImageTransform
 
 __all__ = [
-    "DigitsTask", "ImageFolderTask", "ImageTransform", "IngestConfig", "IngestError", "IngestPlan", "Manifest",
+    "DedupReport", "DigitsTask", "dedup", "phash", "ImageFolderTask", "ImageTransform", "IngestConfig", "IngestError", "IngestPlan", "Manifest",
     "ShardInfo", "ShardResult", "ShardStream", "SourceItem", "StreamConfig", "Task", "finalize", "ingest",
     "list_source", "load_exclusions", "plan_ingest", "plan_shards", "write_shard",
 ]

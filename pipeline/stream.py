@@ -14,7 +14,7 @@ import torch
 
 from .config import StreamConfig
 from .manifest import Manifest, load_exclusions
-from .order import Seq, Segment, count_mod, next_phase, segment_sequence, use_sequence, worker_part
+from .order import Seq, Segment, loader_jobs, next_phase, segment_sequence, use_sequence
 from .reader import BatchReader, Job
 
 log = logging.getLogger(__name__)
@@ -130,14 +130,8 @@ class ShardStream:
 
     # ----- iteration -----
     def _jobs(self, used: Seq, T: int) -> list[Job]:
-        seg, k, n = self._segment, self._consumed, self.workers
-        jobs = []
-        for w in range(n):
-            v = (w + seg.phase + k) % n  # loader worker w serves the batches t with (t + phase) % n == v
-            seq = worker_part(used, T, self.rank, v, seg)
-            start = count_mod(seg.phase, k + seg.phase, n, v)
-            jobs.append(Job(seq=seq, start=start, stop=len(seq) // self.cfg.batch_size))
-        return jobs
+        return [Job(seq=q, start=a, stop=b) for q, a, b in
+                loader_jobs(used, T, self.rank, self._segment, self._consumed)]
 
     def __iter__(self):
         for images, labels, _ in self.iter_batches(with_keys=True):

@@ -7,7 +7,7 @@ from typing import Any
 from vitpipe.jobs.configtools import to_dict
 from vitpipe.jobs.graph import StageContext
 from vitpipe.jobs.raytools import ensure_ray
-from vitpipe.jobs.store import StageResult, local_path
+from vitpipe.jobs.store import StageResult, join, local_path, read_json
 from vitpipe.jobs.train.finetune_loop import finetune_worker
 
 _NOT_IN_KEY = ("log_every", "eval_batch_size")
@@ -15,7 +15,7 @@ _NOT_IN_KEY = ("log_every", "eval_batch_size")
 
 class FinetuneStage:
     name = "finetune"
-    version = "1"
+    version = "2"
 
     def inputs(self, cfg: Any) -> list[str]:
         return ["pretrain"]
@@ -29,7 +29,7 @@ class FinetuneStage:
 
         f = cfg.finetune
         ensure_ray()
-        spec = {"finetune": to_dict(f), "pretrain_url": ctx.inputs["pretrain"].url,
+        spec = {"finetune": to_dict(f), "pretrain_url": ctx.inputs["pretrain"].url, "out_url": ctx.url,
                 "tracking_uri": getattr(ctx.tracker, "uri", None), "mlflow_run_id": ctx.tracker.run_id}
         trainer = TorchTrainer(
             finetune_worker, train_loop_config=spec,
@@ -39,8 +39,6 @@ class FinetuneStage:
         result = trainer.fit()
         if result.error:
             raise result.error
-        m = dict(result.metrics or {})
-        curve = m.pop("curve", [])
-        return StageResult(stage=self.name, key=ctx.key,
-                           metrics={k: float(v) for k, v in m.items() if isinstance(v, (int, float))},
-                           info={"curve": curve, "task": f.task, "img_size": f.img_size})
+        out = read_json(join(ctx.url, "finetune.json"))  # written by rank 0 once the test split is scored
+        return StageResult(stage=self.name, key=ctx.key, metrics=out["metrics"], artifacts={"result": "finetune.json"},
+                           info={"curve": out["curve"], "task": f.task, "img_size": f.img_size})

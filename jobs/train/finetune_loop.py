@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import time
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -127,7 +129,10 @@ def finetune_worker(spec: dict) -> None:
     n = len(task.train_labels)
     perm = np.random.default_rng(f.seed).permutation(n)
     train_idx = np.sort(perm[: f.train_limit]) if f.train_limit else np.arange(n)
-    test_idx = np.arange(len(task.test_labels))[: f.test_limit] if f.test_limit else np.arange(len(task.test_labels))
+    test_idx = np.arange(len(task.test_labels))
+    if f.test_limit and f.test_limit < test_idx.size:
+        # a fixed random subset: folder tasks list the test split class by class
+        test_idx = np.sort(np.random.default_rng(f.seed).choice(test_idx, f.test_limit, replace=False))
 
     grid: dict[float, float] = {}
     best_lr = f.lr_grid[0]
@@ -153,9 +158,12 @@ def finetune_worker(spec: dict) -> None:
     model, curve = train_one(model, task, train_idx, f, best_lr, f.steps, rank, world, tracker, f.seed)
     acc = evaluate(model, task, "test", test_idx, f.img_size, f.eval_batch_size, rank, world)
     metrics = {"test_acc": acc, "lr": best_lr, **{f"holdout_acc/lr={k:g}": v for k, v in grid.items()}}
-    if tracker:
-        tracker.metrics({"test_acc": acc, "chosen_lr": best_lr})
-    ray.train.report({**metrics, "curve": curve})
+    if rank == 0:
+        if tracker:
+            tracker.metrics({"test_acc": acc, "chosen_lr": best_lr})
+        with fsspec.open(f"{spec['out_url']}/finetune.json", "w") as fh:
+            json.dump({"metrics": metrics, "curve": curve}, fh)
+    ray.train.report(metrics)
 
 
 def _attach(spec: dict):

@@ -1,0 +1,197 @@
+"""Training-step throughput of vitpipe's ViT vs HF transformers ViTForImageClassification (same config, batch).
+
+One step = forward + cross-entropy + backward + AdamW. Both models run in this process, interleaved
+round by round so that background load hits them alike; figures are the median round. Utilisation is
+``train_flops/img × img/s`` (analytic, ``vitpipe.models.flops``) over the peak: on CPU a 4096² fp32 matmul
+timed in this run, on CUDA ``--peak-tflops`` (H100 dense bf16: 989).
+
+    python benchmarks/model_speed.py                                   # CPU fp32: Ti/4@32 b64, B/16@224 b4
+    python benchmarks/model_speed.py --compile                         # adds torch.compile rows
+    python benchmarks/model_speed.py --device cuda --dtype bf16 --compile   # B/16 and H/14 on one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vitpipe.models import ViTConfig, create, flops
+
+
+@dataclass
+class Case:
+    name: str
+    img: int
+    batch: int
+
+    @classmethod
+    def parse(cls, s: str) -> Case:
+        """``"B/16@224:4"`` → variant, image size, batch."""
+        name, rest = s.split("@")
+        img, batch = rest.split(":")
+        return cls(name, int(img), int(batch))
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with open("/proc/cpuinfo") as f:
+        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown CPU")
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_tflops(device: str, dtype: torch.dtype) -> float:
+    """Best of a few 4096² matmuls (fp32 on CPU) in this process."""
+    n = 4096
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3 if device == "cpu" else 20):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12
+
+
+def hf_model(cfg: ViTConfig, transformers):
+    hc = transformers.ViTConfig(
+        hidden_size=cfg.width, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.mlp_dim, image_size=cfg.img_size, patch_size=cfg.patch_size,
+        num_labels=cfg.num_classes, hidden_act="gelu" if cfg.gelu == "exact" else "gelu_pytorch_tanh",
+        layer_norm_eps=cfg.layernorm_eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        attn_implementation="sdpa",  # HF's fastest path (the default already; explicit for clarity)
+    )  # fmt: skip
+    model = transformers.ViTForImageClassification(hc)
+    forward = lambda x: model(pixel_values=x).logits  # noqa: E731
+    return model, forward
+
+
+class Runner:
+    """One model + AdamW + fixed batch; ``steps(n)`` returns seconds for n training steps."""
+
+    def __init__(self, model, forward, case: Case, args, compile_: bool) -> None:
+        self.model = model.to(args.device).train()
+        self.forward = torch.compile(forward) if compile_ else forward
+        # Same optimizer for both models: fused AdamW (one kernel per step, available on CPU and CUDA).
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(case.batch, 3, case.img, case.img, generator=g).to(args.device)
+        self.y = torch.randint(0, 1000, (case.batch,), generator=g).to(args.device)
+        self.device = args.device
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
+        )
+
+    def step(self) -> None:
+        with self.autocast:
+            loss = torch.nn.functional.cross_entropy(self.forward(self.x).float(), self.y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def steps(self, n: int) -> float:
+        sync(self.device)
+        t = time.perf_counter()
+        for _ in range(n):
+            self.step()
+        sync(self.device)
+        return time.perf_counter() - t
+
+
+def bench_case(case: Case, args, transformers, peak: float) -> list[dict]:
+    cfg = ViTConfig.from_name(case.name, img_size=case.img, num_classes=1000, gelu="exact")
+    train_flops = flops(cfg)["train_flops"]
+    variants: list[tuple[str, bool]] = [("hf", False), ("vitpipe", False)]
+    if args.compile:
+        variants += [("hf", True), ("vitpipe", True)]
+    runners = {}
+    for kind, comp in variants:
+        torch.manual_seed(0)
+        if kind == "hf":
+            model, fwd = hf_model(cfg, transformers)
+        else:
+            model = create(cfg)
+            fwd = model
+        r = Runner(model, fwd, case, args, comp)
+        t = time.perf_counter()
+        for _ in range(args.warmup):
+            r.step()
+        sync(args.device)
+        runners[(kind, comp)] = r
+        print(f"  built {kind}{' +compile' if comp else ''} (warm-up {time.perf_counter() - t:.1f}s)", flush=True)
+    times: dict[tuple[str, bool], list[float]] = {k: [] for k in runners}
+    for _ in range(args.rounds):
+        for k, r in runners.items():  # interleaved: background load affects every model alike
+            times[k].append(r.steps(args.steps) / args.steps)
+    rows = []
+    for (kind, comp), ts in times.items():
+        ips = case.batch / statistics.median(ts)
+        rows.append(dict(case=f"{case.name}@{case.img} b{case.batch}", model=kind, compile=comp, ips=ips,
+                         util=ips * train_flops / 1e12 / peak))  # fmt: skip
+    del runners
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--cases", nargs="*", help="'<variant>@<img>:<batch>', e.g. Ti/4@32:64")
+    ap.add_argument("--steps", type=int, default=None, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per model (median reported)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="CUDA peak for MFU (H100 dense bf16: 989)")
+    args = ap.parse_args()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    if args.dtype == "bf16" and not cuda:
+        raise SystemExit("--dtype bf16 is for CUDA; CPU figures are fp32")
+    cases = args.cases or (["B/16@224:256", "H/14@224:64"] if cuda else ["Ti/4@32:64", "B/16@224:4"])
+    args.steps = args.steps or (10 if cuda else 2)
+    args.rounds = args.rounds or (5 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    import transformers  # test extra; imported late so --help works without it
+
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        measured = matmul_peak_tflops("cuda", torch.bfloat16)
+        peak = args.peak_tflops
+        print(f"device: {device_name('cuda')}; bf16 4096² matmul {measured:.0f} TFLOP/s; MFU vs {peak:.0f} TFLOP/s")
+    else:
+        peak = matmul_peak_tflops("cpu", torch.float32)
+        print(f"device: {device_name('cpu')}; fp32 4096² matmul peak {peak * 1e3:.0f} GFLOP/s")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, dtype {args.dtype}")
+    all_rows = []
+    for c in cases:
+        case = Case.parse(c)
+        print(f"{c}:", flush=True)
+        all_rows += bench_case(case, args, transformers, peak)
+    util = "MFU" if cuda else "% of matmul peak"
+    print(f"\n{'case':<20} {'model':<18} {'img/s':>9} {util:>17} {'vs HF eager':>12} {'vs HF same mode':>16}")
+    for r in all_rows:
+        base = next(b for b in all_rows if b["case"] == r["case"] and b["model"] == "hf" and not b["compile"])
+        same = next(b for b in all_rows if b["case"] == r["case"] and b["model"] == "hf" and b["compile"] == r["compile"])
+        label = r["model"] + (" +compile" if r["compile"] else "")
+        print(f"{r['case']:<20} {label:<18} {r['ips']:>9.1f} {100 * r['util']:>16.1f}% "
+              f"{r['ips'] / base['ips']:>11.2f}x {r['ips'] / same['ips']:>15.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
