@@ -40,8 +40,9 @@ class PipelineConfig:
 
     name: str = "demo"
     """Recipe name (recorded with the run)."""
-    store: str = "runs"
-    """fsspec root for stage outputs and run records (local path, file://, s3://, gs://)."""
+    store: str = field(default_factory=lambda: os.environ.get("VITPIPE_STORE", "runs"))
+    """fsspec root for stage outputs and run records (local path, file://, s3://, gs://); default $VITPIPE_STORE
+    or ./runs."""
     stages: tuple[str, ...] = ALL_STAGES
     """Stages this run contains (report always reads whichever of the others are present)."""
     data: DataConfig = field(default_factory=DataConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Callable
 
@@ -71,7 +72,7 @@ def _jft(variant: str, lr: float, epochs: int) -> PipelineConfig:
                                 representation_size=ViTConfig.from_name(variant).width)
     return PipelineConfig(
         name=f"jft-{variant.replace('/', '')}",
-        store="s3://vitpipe-runs",
+        store=os.environ.get("VITPIPE_STORE", "s3://vitpipe-runs"),
         data=replace(PipelineConfig().data, root="s3://vitpipe-data/jft300m-list.tsv"),
         ingest=IngestConfig(split=None, shard_max_bytes=1 << 30, shard_max_samples=None, resize_short=256,
                             num_workers=16, multi_label=True),

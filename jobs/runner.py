@@ -116,6 +116,8 @@ def run_pipeline(cfg: Any, stages: list, *, force: tuple[str, ...] = (), dry_run
     store.save_run(run_id, record)
     tracker.metrics({f"{s}/{k}": v for s, r in results.items() for k, v in r.metrics.items()
                      if isinstance(v, (int, float))})
+    if "report" in results and hasattr(tracker, "text"):
+        tracker.text(results["report"].info.get("markdown", ""), "report.md")  # the parent run shows the table
     tracker.finish()
     return summary
 

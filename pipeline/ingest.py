@@ -72,7 +72,7 @@ def plan_shards(
         random.Random(seed).shuffle(order)  # class-sorted sources must not give class-sorted shards
     shards, cur, cur_bytes = [], [], 0
     for j in order:
-        b = max(sizes[j], 0) + 1536  # + tar headers of the image, label and json members
+        b = -(-max(sizes[j], 0) // 512) * 512 + 2560  # tar: image blocks + headers/blocks of .cls and .json
         full = (max_samples is not None and len(cur) >= max_samples) or (
             max_bytes is not None and cur and cur_bytes + b > max_bytes
         )

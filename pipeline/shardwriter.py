@@ -145,7 +145,7 @@ def write_shard(
                         bad["corrupt"] += 1
                         out = None
                     if out is not None:
-                        labels = [class_index[c] for c in it.labels]
+                        labels = sorted({class_index[c] for c in it.labels})  # a label set: canonical order
                         _add(tf, f"{it.key}.{ext}", out)
                         if multi_label:
                             _add(tf, f"{it.key}.labels", ",".join(map(str, labels)).encode())

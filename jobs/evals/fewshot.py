@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from .features import REPRESENTATIONS, EmbedFn, FeatureCache, make_embed_fn, model_fingerprint
 from .ridge import BIAS_CONSTANT, RidgeProbe, ridge_fit_predict
@@ -163,6 +164,7 @@ def fewshot_metrics(
     log.info("fewshot %s: %d train + %d test features (dim %d) in %.1fs", task.name, train_idx.size, test_idx.size,
              train_feats.shape[1], time.perf_counter() - t0)
     y_test = test_labels[test_idx]
+    test_feats = torch.as_tensor(test_feats, dtype=torch.float64)  # converted once, shared by every probe
 
     sweep = cfg.l2_sweep or ()
     for k in cfg.shots:

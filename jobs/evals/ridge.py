@@ -84,12 +84,21 @@ class RidgeProbe:
             raise ValueError(f"l2_reg must be > 0, got {l2_reg}")
         return (self.lhs / (self.eigs + l2_reg)) @ self.rhs
 
+    def _folded(self, l2_reg: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # Fold standardisation and the bias feature into (d, C) weights and a (C,) offset, so test features are
+        # used as given: z @ W = x @ (W[:d] / std^T) + (bias * W[d] - (mean / std) @ W[:d]). Saves an (m, d)
+        # float64 copy of the test split per probe and per λ.
+        w = self.weights(l2_reg)
+        w_x = w[:-1] / self.std.T
+        return w_x, self.bias_constant * w[-1] - self.mean @ w_x
+
     def scores(self, x_test: np.ndarray | torch.Tensor, l2_reg: float) -> torch.Tensor:
-        """(m, num_classes) regression scores of test features (standardised with the sample's statistics)."""
+        """(m, num_classes) float64 regression scores of test features (standardised with the sample's stats)."""
         x64 = _as_f64(x_test)
         if x64.ndim != 2 or x64.shape[1] != self.mean.shape[1]:
             raise ValueError(f"test features must be (m, {self.mean.shape[1]}), got {tuple(x64.shape)}")
-        return self._augment(x64) @ self.weights(l2_reg)
+        w_x, b = self._folded(l2_reg)
+        return x64 @ w_x + b
 
     def predict(self, x_test: np.ndarray | torch.Tensor, l2_reg: float) -> np.ndarray:
         """(m,) int64 predicted classes."""

@@ -255,3 +255,11 @@ def test_shellcheck(tool, infra):
     assert scripts
     proc = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_variant_check_catches_cuda_mismatch(infra):
+    """A CUDA base that disagrees with torch's cu128 build is caught by the resolution above."""
+    text = (infra / "Dockerfile").read_text().replace("nvidia/cuda:12.8.1-devel", "nvidia/cuda:12.4.1-devel")
+    global_args, all_stages = stages(parse_dockerfile(text))
+    with pytest.raises(AssertionError):
+        test_variants_resolve_to_their_bases((global_args, all_stages), "cuda", "nvidia/cuda:12.8", "cu128")

@@ -15,7 +15,7 @@ DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 def jpeg_bytes(rng: np.random.Generator, w: int, h: int, quality: int = 90) -> bytes:
     """A random but compressible JPEG (smooth gradients + noise), so decode/resize act like on photos."""
     yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([(xx * rng.uniform(0.2, 2) + yy * rng.uniform(0.2, 2)) % 256 for _ in range(3)], -1)
+    base = np.stack([(xx * rng.uniform(2, 12) + yy * rng.uniform(2, 12)) % 256 for _ in range(3)], -1)
     arr = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
     out = io.BytesIO()
     Image.fromarray(arr).save(out, format="JPEG", quality=quality)
@@ -30,6 +30,18 @@ def make_folder(root: Path, classes=("a", "b", "c"), per_class=20, size=(24, 20)
         for i in range(per_class):
             (root / c / f"img.{i:03d}.jpg").write_bytes(jpeg_bytes(rng, *size))
     return root
+
+
+@pytest.fixture(name="make_folder", scope="session")
+def make_folder_fixture():
+    """The `make_folder(root, classes, per_class, size, seed)` helper (importlib mode: no conftest imports)."""
+    return make_folder
+
+
+@pytest.fixture(name="jpeg_bytes", scope="session")
+def jpeg_bytes_fixture():
+    """The `jpeg_bytes(rng, w, h, quality)` helper."""
+    return jpeg_bytes
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,86 @@
+"""The walking skeleton end to end: real shards, real Ray Train + DeepSpeed, real MLflow (sqlite), tiny recipe."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from vitpipe.jobs.cli import stages_for
+from vitpipe.jobs.config import resolve_paths
+from vitpipe.jobs.configtools import apply_overrides
+from vitpipe.jobs.recipes import get_recipe
+from vitpipe.jobs.runner import run_pipeline
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _cfg(tmp_path, cifar10_root, *overrides):
+    cfg = apply_overrides(get_recipe("tiny"), [f"store={tmp_path / 'store'}", f"data.root={cifar10_root}",
+                                               f"fewshot.tasks=cifar10={cifar10_root},digits",
+                                               f"finetune.task=cifar10={cifar10_root}",
+                                               f"analysis.task=cifar10={cifar10_root}", *overrides])
+    return resolve_paths(cfg)
+
+
+def _children(client, parent_id):
+    runs = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["vitpipe.stage"]: r for r in runs if "vitpipe.stage" in r.data.tags}
+
+
+def test_tiny_pipeline_runs_caches_and_reruns_one_stage(tmp_path, cifar10_root, ray_local, mlflow_uri):
+    cfg = _cfg(tmp_path, cifar10_root)
+    first = run_pipeline(cfg, stages_for(cfg), tracking_uri=mlflow_uri, progress=False)
+    assert first.status == "FINISHED"
+    assert set(first.statuses.values()) == {"ran"}
+
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(first.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["pretrain.zero_stage"] == "2"  # the resolved config is logged as params
+    assert {"config.json", "report.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    kids = _children(client, first.mlflow_run_id)
+    assert set(kids) == set(cfg.stages)
+    assert all(k.info.status == "FINISHED" for k in kids.values())
+    losses = client.get_metric_history(kids["pretrain"].info.run_id, "loss")
+    assert len(losses) == cfg.pretrain.steps // cfg.pretrain.log_every  # per-step logging from rank 0
+    for m in ("lr", "images_per_s", "grad_norm"):
+        assert client.get_metric_history(kids["pretrain"].info.run_id, m)
+    assert "pretrained/cifar10/5shot/mean" in kids["fewshot"].data.metrics
+    assert 0.0 <= kids["finetune"].data.metrics["test_acc"] <= 1.0
+    assert "manifest.json" in {a.path for a in client.list_artifacts(kids["ingest"].info.run_id)}
+    figs = {a.path for a in client.list_artifacts(kids["analysis"].info.run_id, "figures")}
+    assert "figures/attention_distance.png" in figs
+
+    # Same recipe again: every stage cached, and said so in MLflow.
+    second = run_pipeline(cfg, stages_for(cfg), tracking_uri=mlflow_uri, progress=False)
+    assert set(second.statuses.values()) == {"cached"}
+    kids2 = _children(client, second.mlflow_run_id)
+    assert kids2["pretrain"].data.tags["cached"] == "true"
+    assert kids2["pretrain"].data.tags["produced_by"] == kids["pretrain"].info.run_id
+
+    # A fine-tune override reruns only fine-tune and what reads it.
+    cfg3 = _cfg(tmp_path, cifar10_root, "finetune.lr_grid=0.02")
+    third = run_pipeline(cfg3, stages_for(cfg3), tracking_uri=mlflow_uri, progress=False)
+    ran = {s for s, v in third.statuses.items() if v == "ran"}
+    assert ran == {"finetune", "analysis", "report"}
+    assert third.results["pretrain"].key == first.results["pretrain"].key
+
+
+def test_cli_user_errors_are_one_line(tmp_path):
+    cases = [(["--set", "pretrain.lrr=1"], "unknown config key 'pretrain.lrr'"),
+             (["--set", "pretrain.steps=abc"], "'pretrain.steps' expects an integer"),
+             (["--set", f"data.root={tmp_path / 'missing'}", "--set", "tracking.enabled=false"], "no such folder"),
+             (["nosuchrecipe"], "unknown recipe 'nosuchrecipe'")]
+    for args, message in cases:
+        if args[0] != "nosuchrecipe":
+            args = ["tiny", *args]
+        proc = subprocess.run([sys.executable, "-m", "vitpipe.jobs.cli", "run", *args, "--store",
+                               str(tmp_path / "s")], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        out = proc.stdout.strip().splitlines()
+        assert message in out[-1] and out[-1].startswith("error:"), proc.stdout
+        assert "Traceback" not in proc.stdout + proc.stderr

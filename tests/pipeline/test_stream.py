@@ -1,0 +1,210 @@
+"""ShardStream end to end on real shards: batches, exactly-once, determinism, resume, elastic, bad data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from vitpipe.pipeline import IngestConfig, Manifest, ShardStream, StreamConfig, ingest
+from vitpipe.pipeline.reader import iter_tar
+
+
+def cfg(**kw) -> StreamConfig:
+    base = dict(batch_size=8, img_size=16, shuffle_buffer=30, num_workers=0)
+    return StreamConfig(**{**base, **kw})
+
+
+def run(stream, n=None):
+    """(images, labels, keys) lists of the next n batches (all remaining when None)."""
+    out = []
+    for i, b in enumerate(stream.iter_batches()):
+        out.append(b)
+        if n is not None and i + 1 == n:
+            break
+    return out
+
+
+def keys_of(batches) -> list[str]:
+    return [k for _, _, ks in batches for k in ks]
+
+
+def test_batches_shapes_labels_and_normalisation(small_shards):
+    m = Manifest.load(small_shards)
+    s = ShardStream(small_shards, cfg(), rank=0, world_size=1)
+    batches = run(s)
+    assert len(batches) == s.batches_per_epoch() == 150 // 8
+    x, y, keys = batches[0]
+    assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert -1.0 <= x.min() < 0 < x.max() <= 1.0
+    for _, y, keys in batches:
+        assert [m.classes[i] for i in y.tolist()] == [k.split("_")[0] for k in keys]
+    assert s.stats["samples"] == 144 and s.stats["skipped_corrupt"] == 0 and s.stats["wait_s"] > 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_exactly_once_across_ranks_and_workers(small_shards, workers, drop_last):
+    per_rank = []
+    for r in range(2):
+        s = ShardStream(small_shards, cfg(num_workers=workers, drop_last=drop_last), rank=r, world_size=2)
+        per_rank.append(run(s))
+    assert len(per_rank[0]) == len(per_rank[1]) == (9 if drop_last else 10)
+    counts = Counter(keys_of(per_rank[0]) + keys_of(per_rank[1]))
+    if drop_last:
+        assert max(counts.values()) == 1 and len(counts) == 144
+    else:
+        assert len(counts) == 150 and sum(counts.values()) == 160  # 10 padded repeats < one global batch
+
+
+def test_deterministic_and_layout_independent_augmentation(small_shards):
+    a = run(ShardStream(small_shards, cfg(), rank=0, world_size=1))
+    b = run(ShardStream(small_shards, cfg(), rank=0, world_size=1))
+    assert all(torch.equal(x1, x2) and k1 == k2 for (x1, _, k1), (x2, _, k2) in zip(a, b))
+    # per-sample randomness comes from (seed, epoch, key): the same key gives the same pixels in another layout
+    img = {k: x[i] for x, _, ks in a for i, k in enumerate(ks)}
+    other = run(ShardStream(small_shards, cfg(num_workers=2, batch_size=5), rank=1, world_size=2))
+    for x, _, ks in other:
+        for i, k in enumerate(ks):
+            if k in img:
+                assert torch.equal(img[k], x[i])
+    c = run(ShardStream(small_shards, cfg(seed=1), rank=0, world_size=1))
+    assert keys_of(c) != keys_of(a)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_is_identical(small_shards, workers):
+    c = cfg(num_workers=workers)
+    full = run(ShardStream(small_shards, c, rank=1, world_size=2))
+    s = ShardStream(small_shards, c, rank=1, world_size=2)
+    head = run(s, 3)
+    state = json.loads(json.dumps(s.state_dict()))  # goes through a checkpoint as plain JSON
+    s2 = ShardStream(small_shards, c, rank=1, world_size=2)
+    s2.load_state_dict(state)
+    s2.set_epoch(0)  # a trainer calling set_epoch after load must not rewind
+    tail = run(s2)
+    assert len(head) + len(tail) == len(full)
+    for (x1, y1, k1), (x2, y2, k2) in zip(full, head + tail):
+        assert k1 == k2 and torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert s2.epoch == 1 and s2.state_dict()["segment"][-1] == 0
+
+
+def test_elastic_resume_two_to_three_ranks(small_shards):
+    c = cfg(drop_last=False, batch_size=6)
+    seen, states = [], []
+    for r in range(2):
+        s = ShardStream(small_shards, c, rank=r, world_size=2)
+        seen += keys_of(run(s, 4))
+        states.append(s.state_dict())
+    assert states[0] == states[1]  # the resume state is global: any rank's copy works
+    for r in range(3):
+        s = ShardStream(small_shards, cfg(drop_last=False, batch_size=6, num_workers=2), rank=r, world_size=3)
+        s.load_state_dict(states[0])
+        seen += keys_of(run(s))
+        assert s.epoch == 1
+    counts = Counter(seen)
+    assert len(counts) == 150 and sum(counts.values()) - 150 < 3 * 6
+
+
+def test_epochs_reshuffle_shards_and_samples(small_shards):
+    s = ShardStream(small_shards, cfg(), rank=0, world_size=2)
+    e0 = keys_of(run(s))
+    assert s.epoch == 1
+    e1 = keys_of(run(s))
+    assert e0 != e1 and s.epoch == 2
+    s.set_epoch(0)
+    assert keys_of(run(s)) == e0
+
+
+def test_eval_order_and_center_crop(small_shards):
+    from PIL import Image  # noqa: F401  (decoding goes through ImageTransform)
+
+    from vitpipe.pipeline import ImageTransform
+
+    m = Manifest.load(small_shards)
+    s = ShardStream(m, cfg(train=False, shuffle=False, drop_last=False, batch_size=10), rank=0, world_size=1)
+    x, _, keys = run(s, 1)[0]
+    members = dict(iter_tar(fsspec.open(m.url(0), "rb").open().read()))
+    tf = ImageTransform(img_size=16, train=False)
+    first = [n.split(".")[0] for n in members if n.endswith(".jpg")][:10]
+    assert keys == first
+    assert torch.allclose(x[0], tf(members[keys[0] + ".jpg"]))
+
+
+def test_corrupt_samples_and_truncated_shards_are_skipped(tmp_path, small_shards):
+    src = small_shards.replace("file://", "")
+    shutil.copytree(src, tmp_path / "s")
+    m = Manifest.load(str(tmp_path / "s"))
+    # corrupt one sample's JPEG bytes in place (same length: the tar stays valid)
+    p = tmp_path / "s" / m.shards[0].name
+    raw = bytearray(p.read_bytes())
+    start = raw.index(b"\xff\xd8\xff")
+    raw[start + 2 : start + 400] = b"\x00" * 398
+    p.write_bytes(bytes(raw))
+    # truncate another shard in the middle
+    q = tmp_path / "s" / m.shards[3].name
+    q.write_bytes(q.read_bytes()[: q.stat().st_size // 2])
+    runs = []
+    for r in range(2):
+        s = ShardStream(str(tmp_path / "s"), cfg(drop_last=False), rank=r, world_size=2)
+        runs.append((len(run(s)), s.stats))
+    assert runs[0][0] == runs[1][0] == 10  # equal batch counts despite the damage
+    assert sum(st["skipped_corrupt"] for _, st in runs) >= 1 + 11  # the bad JPEG + the lost half shard
+    assert sum(st["truncated_shards"] for _, st in runs) >= 1
+
+
+def test_transient_read_errors_are_retried(small_shards, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    orig, calls = LocalFileSystem.cat_file, Counter()
+
+    def flaky(self, path, *a, **kw):
+        calls[path] += 1
+        if calls[path] == 1:
+            raise ConnectionError("simulated network blip")
+        return orig(self, path, *a, **kw)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", flaky)
+    s = ShardStream(small_shards, cfg(), rank=0, world_size=1)
+    assert len(run(s)) == 18
+    assert s.stats["read_retries"] >= 7 and s.stats["failed_shards"] == 0 and s.stats["skipped_corrupt"] == 0
+
+
+def test_exclusion_list_is_honoured(tmp_path, small_shards):
+    m = Manifest.load(small_shards)
+    all_keys = keys_of(run(ShardStream(m, cfg(drop_last=False, batch_size=1), rank=0, world_size=1)))
+    drop = {m.shards[0].name: all_keys[:0] + [k for k in all_keys if k.startswith("b_")][:5]}
+    (tmp_path / "excl.json").write_text(json.dumps({"exclude": drop}))
+    s = ShardStream(m, cfg(drop_last=False, batch_size=1, exclude=str(tmp_path / "excl.json")), 0, 1)
+    got = keys_of(run(s))
+    assert len(got) == 145 and not set(got) & set(drop[m.shards[0].name])
+    m2 = m.with_exclusions(drop)
+    assert ShardStream(m2, cfg(batch_size=1), 0, 1).batches_per_epoch() == 145
+
+
+def test_multi_label_stream(tmp_path, jpeg_bytes):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg_bytes(rng, 16, 16))
+        rows.append(f"{i}.jpg\t{'x,y' if i % 3 == 0 else 'z'}")
+    (tmp_path / "l.tsv").write_text("\n".join(rows))
+    m = ingest(str(tmp_path / "l.tsv"), str(tmp_path / "o"), IngestConfig(num_workers=0))
+    x, y, _ = run(ShardStream(m, cfg(batch_size=12), 0, 1))[0]
+    assert y.shape == (12, 3) and y.dtype == torch.float32
+    assert sorted(y.sum(1).tolist()) == [1.0] * 8 + [2.0] * 4
+
+
+def test_prelaunch_checks(small_shards, caplog):
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
+        ShardStream(small_shards, cfg(batch_size=100), rank=0, world_size=2)
+    s = ShardStream(small_shards, cfg(batch_size=2, num_workers=2), rank=0, world_size=4)
+    info = s.check()
+    assert info["shards"] == 7 and info["streams"] == 8 and "streams share shards" in caplog.text
+    with pytest.raises(ValueError, match="seed"):
+        s.load_state_dict({**s.state_dict(), "seed": 5})
