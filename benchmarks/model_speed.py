@@ -155,9 +155,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps per timed round")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per model (median reported)")
     ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="CUDA peak for MFU (H100 dense bf16: 989)")
     args = ap.parse_args()
     cuda = args.device == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")

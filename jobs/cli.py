@@ -155,6 +155,20 @@ def runs(store: str = typer.Option("runs", help="Store root.")) -> None:
     console.print(table)
 
 
+def _register_extensions() -> None:
+    """Cluster verbs (submit/status/logs/stop/jobs/plan) live in their own module."""
+    try:
+        from vitpipe.jobs.cli_cluster import register
+    except ImportError as e:  # pragma: no cover - only while the module is absent
+        if "cli_cluster" not in str(e):
+            raise
+        return
+    register(app, console)
+
+
+_register_extensions()
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

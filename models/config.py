@@ -205,7 +205,7 @@ class ViTConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ViTConfig:
-        """Decode ``"<size>/<patch>"`` (``"B/16"``, ``"S/4"``, ``"R50+B/16"``, ``"mu/4"``); kwargs override any field."""
+        """Decode ``"<size>/<patch>"`` ("B/16", "S/4", "R50+B/16", "mu/4"); kwargs override any field."""
         fields = {**decode_variant(name), **_check_fields(overrides)}
         if "patch_size" not in fields:
             raise ValueError(f"variant {name!r} names no patch size; write e.g. '{name}/16' or pass patch_size")
@@ -230,7 +230,8 @@ def decode_variant(name: str) -> dict[str, Any]:
         out["patch_size"] = int(m["patch"])
     if m["backbone"] is not None:
         if m["backbone"] not in HYBRID_BACKBONES:
-            raise ValueError(f"unknown hybrid backbone {m['backbone']!r} in {name!r}; known: {sorted(HYBRID_BACKBONES)}")
+            known = sorted(HYBRID_BACKBONES)
+            raise ValueError(f"unknown hybrid backbone {m['backbone']!r} in {name!r}; known: {known}")
         out["hybrid"] = HybridConfig(layers=HYBRID_BACKBONES[m["backbone"]])
     return out
 

@@ -135,7 +135,9 @@ def from_npz(path_or_file: PathOrFile, **overrides: Any) -> tuple[ViTConfig, dic
             [_t(b[f"attn/{n}/kernel"]).reshape(width, width).T for n in ("query", "key", "value")]
         )
         if "attn/query/bias" in b:
-            sd[p + "attn.qkv.bias"] = torch.cat([_t(b[f"attn/{n}/bias"]).reshape(width) for n in ("query", "key", "value")])
+            sd[p + "attn.qkv.bias"] = torch.cat(
+                [_t(b[f"attn/{n}/bias"]).reshape(width) for n in ("query", "key", "value")]
+            )
         sd[p + "attn.proj.weight"] = _t(b["attn/out/kernel"]).reshape(width, width).T
         sd[p + "attn.proj.bias"] = _t(b["attn/out/bias"])
         for j, fc in ((0, "fc1"), (1, "fc2")):
@@ -158,9 +160,10 @@ def from_npz(path_or_file: PathOrFile, **overrides: Any) -> tuple[ViTConfig, dic
     if side * side != n and "img_size" not in overrides:
         raise ValueError(f"npz has {n} patch position embeddings (not a square); pass img_size=(h, w)")
     patch = k * (hybrid.stride if hybrid else 1)
+    in_chans = cin if hybrid is None else w["conv_root/kernel"].shape[2]
     fields: dict[str, Any] = dict(
         width=int(width), depth=depth, num_heads=int(heads), mlp_dim=int(mlp_dim), patch_size=int(patch),
-        img_size=side * patch, num_classes=num_classes, in_chans=int(cin if hybrid is None else w["conv_root/kernel"].shape[2]),
+        img_size=side * patch, num_classes=num_classes, in_chans=int(in_chans),
         pool="token" if class_token else "gap", class_token=class_token, representation_size=rep,
         gelu="tanh", layernorm_eps=1e-6, qkv_bias="blocks.0.attn.qkv.bias" in sd, hybrid=hybrid,
     )  # fmt: skip

@@ -102,7 +102,8 @@ class ResNetBackbone(nn.Module):
         stages, cin = [], w
         for i, n in enumerate(cfg.layers):
             feats = w * 2**i
-            units = [Bottleneck(cin if j == 0 else 4 * feats, feats, (2 if i > 0 else 1) if j == 0 else 1) for j in range(n)]
+            first_stride = 2 if i > 0 else 1  # stage 1 keeps the max-pool's resolution
+            units = [Bottleneck(cin if j == 0 else 4 * feats, feats, first_stride if j == 0 else 1) for j in range(n)]
             stages.append(nn.Sequential(*units))
             cin = 4 * feats
         self.stages = nn.ModuleList(stages)

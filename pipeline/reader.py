@@ -124,8 +124,10 @@ def parse_shard(data: bytes, exclude: set[str]) -> tuple[list[tuple[str, bytes, 
 class ShardCache:
     """A small LRU of parsed shards for one process, reading with retries and exponential backoff."""
 
-    def __init__(self, urls: list[str], exclude: dict[int, set[str]], cfg: StreamConfig, capacity: int):
+    def __init__(self, urls: list[str], exclude: dict[int, set[str]], cfg: StreamConfig, capacity: int,
+                 expected=None):
         self.urls, self.exclude, self.cfg, self.capacity = urls, exclude, cfg, max(2, capacity)
+        self.expected = expected  # samples per shard after exclusions (manifest counts)
         self._fs = None
         self._lru: OrderedDict[int, list] = OrderedDict()
         self.stats = {"retries": 0, "failed_shards": 0, "truncated_shards": 0}
@@ -155,7 +157,12 @@ class ShardCache:
             self.stats["failed_shards"] += 1
             samples = []
         else:
-            samples, truncated = parse_shard(data, self.exclude.get(shard, set()))
+            excl = self.exclude.get(shard, set())
+            samples, truncated = parse_shard(data, excl)
+            if excl and not truncated and len(samples) != self.expected[shard]:
+                # an exclusion key that is not in this shard would shift every index after it: refuse to guess
+                raise ValueError(f"exclusion list does not match shard {self.urls[shard]}: "
+                                 f"{len(samples)} samples left, manifest minus exclusions says {self.expected[shard]}")
             if truncated:
                 self.stats["truncated_shards"] += 1
                 log.warning("shard %s is truncated or corrupt: %d samples readable", self.urls[shard], len(samples))
@@ -180,7 +187,8 @@ class BatchReader(torch.utils.data.IterableDataset):
         cfg = self.cfg
         order = GlobalOrder(self.counts, cfg.seed, self.epoch, cfg.shuffle_buffer, cfg.shuffle)
         min_count = max(1, int(np.min(self.counts[self.counts > 0])) if (self.counts > 0).any() else 1)
-        cache = ShardCache(self.urls, self.exclude, cfg, capacity=-(-cfg.shuffle_buffer // min_count) + 2)
+        cache = ShardCache(self.urls, self.exclude, cfg, capacity=-(-cfg.shuffle_buffer // min_count) + 2,
+                           expected=self.counts)
         tf = ImageTransform(cfg.img_size, cfg.train, cfg.rrc_scale, cfg.rrc_ratio, cfg.hflip, cfg.mean, cfg.std)
         B = cfg.batch_size
         for i in range(job.start, job.stop):

@@ -11,8 +11,9 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import fsspec
@@ -53,6 +54,41 @@ def represent(model: torch.nn.Module, x: torch.Tensor, representation: str) -> t
     return tokens[:, prefix:].mean(dim=1)
 
 
+def _prefetch(it: Iterator[torch.Tensor], depth: int) -> Iterator[torch.Tensor]:
+    """Run ``it`` in a background thread, ``depth`` items ahead of the consumer (decode overlaps the forward)."""
+    if depth < 1:
+        yield from it
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            for item in it:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer, with its traceback
+            q.put(e)
+
+    t = threading.Thread(target=worker, daemon=True, name="embed-prefetch")
+    t.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a worker waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(timeout=0.05)
+
+
 def make_embed_fn(
     model: torch.nn.Module,
     task: _ImageTask,
@@ -62,14 +98,17 @@ def make_embed_fn(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     representation: str = "pre_logits",
-    num_workers: int = 2,
+    prefetch: int = 1,
 ) -> EmbedFn:
     """Embedding function for ``task``'s images through frozen ``model``.
 
-    ``task.load(split, indices)`` returns PIL images; ``transform`` maps one to a normalised (3, H, W) tensor. Give
-    either ``transform`` or ``img_size`` (then the pipeline's eval transform, resize + centre crop, is used).
-    Decoding of the next batch runs in ``num_workers`` threads while the model embeds the current one (PIL releases
-    the GIL while decoding). Batches run under ``torch.inference_mode`` with the model in eval mode.
+    Give either ``transform`` (one PIL image -> normalised (3, H, W) tensor) or ``img_size`` (then the pipeline's
+    eval transform, resize short side + centre crop, is used). With a pipeline ``ImageTransform`` and a task that
+    has ``batches`` (``vitpipe.pipeline`` tasks), images are decoded to uint8 in the task's threads and normalised
+    per batch in numpy; otherwise ``task.load`` decodes and ``transform`` runs per image. Either way decoding runs
+    ``prefetch`` batches ahead in a background thread while the model embeds, and torch ops stay on the calling
+    thread (torch intra-op threads started from a second thread contend badly on small machines). Batches run
+    under ``torch.inference_mode`` with the model in eval mode.
     """
     if representation not in REPRESENTATIONS:
         raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
@@ -83,25 +122,25 @@ def make_embed_fn(
         transform = ImageTransform(img_size=img_size, train=False)
     model = model.eval().to(device)
     tf = transform
+    batched = hasattr(task, "batches") and hasattr(tf, "to_uint8")
 
-    def load_batch(split: str, chunk: np.ndarray) -> torch.Tensor:
-        return torch.stack([tf(im) for im in task.load(split, chunk)])
+    def batches(split: str, indices: np.ndarray) -> Iterator[Any]:
+        if batched:
+            for x, _ in task.batches(split, indices, tf, batch_size):  # type: ignore[attr-defined]
+                yield x
+        else:
+            for i in range(0, len(indices), batch_size):
+                yield task.load(split, indices[i : i + batch_size])   # PIL decode only: no torch in this thread
 
     def embed_fn(split: str, indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
-        if indices.size == 0:
-            return np.zeros((0, 0), np.float32)
-        chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
         out: list[np.ndarray] = []
-        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool, torch.inference_mode():
-            # Keep at most one batch in flight ahead of the one being embedded.
-            pending = pool.submit(load_batch, split, chunks[0])
-            for i in range(len(chunks)):
-                x = pending.result()
-                if i + 1 < len(chunks):
-                    pending = pool.submit(load_batch, split, chunks[i + 1])
-                feats = represent(model, x.to(device, non_blocking=True), representation)
-                out.append(feats.float().cpu().numpy())
+        with torch.inference_mode():
+            for item in _prefetch(batches(split, indices), prefetch):
+                x = item if batched else torch.stack([tf(im) for im in item])
+                out.append(represent(model, x.to(device), representation).float().cpu().numpy())
+        if not out:
+            raise ValueError(f"embed_fn got no {split} indices to embed")
         return np.concatenate(out, axis=0)
 
     return embed_fn

@@ -7,7 +7,9 @@ prefix-token count): the only two files the evaluation stages read.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import replace
 from typing import Any
 
@@ -45,7 +47,9 @@ class PretrainStage:
         mcfg = replace(cfg.model, num_classes=manifest.num_classes)
         spec = {"model": mcfg.to_dict(), "pretrain": to_dict(p), "manifest_url": manifest_url,
                 "out_url": ctx.url, "tracking_uri": getattr(ctx.tracker, "uri", None),
-                "mlflow_run_id": ctx.tracker.run_id}
+                "mlflow_run_id": ctx.tracker.run_id,
+                # test hooks (fault injection, sample-key recording); never set by configs
+                "debug": json.loads(os.environ.get("VITPIPE_PRETRAIN_DEBUG", "{}"))}
         ensure_ray()
         storage = local_path(ctx.url) or ctx.url
         threads = p.threads_per_worker or p.cpus_per_worker

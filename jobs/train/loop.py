@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import tempfile
 import time
 from typing import Any
@@ -76,12 +78,16 @@ def pretrain_worker(spec: dict) -> None:
     window = {"t0": time.perf_counter(), "wait": 0.0, "images": 0, "loss": 0.0, "acc": 0.0, "n": 0}
     last_ckpt_dir: str | None = None
     last_metrics: dict[str, float] = {}
+    debug = spec.get("debug") or {}  # test hooks: fault injection, sample-key recording
+    step_keys: list[str] = []
     while state["step"] < p.steps:
         losses = []
         for _ in range(accum):
             t_wait = time.perf_counter()
-            x, y = next(batches)
+            x, y, keys = next(batches)
             window["wait"] += time.perf_counter() - t_wait
+            if debug.get("record_keys"):
+                step_keys.extend(keys)
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             if bf16:
@@ -109,6 +115,9 @@ def pretrain_worker(spec: dict) -> None:
         if losses is None:
             continue
         state["step"] += 1
+        if debug.get("record_keys"):
+            _record_keys(spec["out_url"], rank, state["step"], step_keys)
+        step_keys = []
         window["images"] += p.global_batch
         window["loss"] += sum(losses) / len(losses)
         step = state["step"]
@@ -116,6 +125,8 @@ def pretrain_worker(spec: dict) -> None:
             last_metrics = _log_window(tracker, engine, window, fl, p, world, step, stream)
         if step % p.checkpoint_every == 0 or step == p.steps:
             last_ckpt_dir = _save_and_report(engine, stream, state, step, rank, last_metrics)
+            if restored is None and debug.get("kill_rank") == rank and debug.get("kill_after_step") == step:
+                os.kill(os.getpid(), signal.SIGKILL)  # a worker dying mid-epoch, after a checkpoint
 
     ckpt.export_consolidated(engine, mcfg, spec["out_url"], rank, extra={"steps": state["step"]})
     if tracker:
@@ -125,16 +136,24 @@ def pretrain_worker(spec: dict) -> None:
 
 
 def _batch_iter(stream: ShardStream):
-    """Endless batches: epoch after epoch, continuing from wherever the stream's state says."""
+    """Endless (images, labels, keys) over successive epochs, continuing from wherever the stream's state says."""
     while True:
         empty = True
-        for batch in stream:
+        for batch in stream.iter_batches(with_keys=True):
             empty = False
             yield batch
         if empty:
             raise RuntimeError("the shard stream produced no batch in a whole epoch (too few samples for "
                                "world size x micro_batch?)")
-        stream.set_epoch(stream.state_dict()["epoch"] + 1)
+
+
+def _record_keys(out_url: str, rank: int, step: int, keys: list[str]) -> None:
+    import json
+
+    import fsspec
+
+    with fsspec.open(f"{out_url}/debug/keys-rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "keys": keys}) + "\n")
 
 
 def _all_finite(loss: torch.Tensor) -> bool:

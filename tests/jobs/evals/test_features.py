@@ -76,7 +76,7 @@ def test_embed_fn_on_real_jpegs_is_batch_invariant_and_in_eval_mode(task, model)
     model.train()  # make_embed_fn must switch dropout off itself
     idx = np.array([0, 5, 17, 42, 99, 250, 3])
     a = make_embed_fn(model, task, to_tensor, batch_size=3)("train", idx)
-    b = make_embed_fn(model, task, to_tensor, batch_size=64, num_workers=1)("train", idx)
+    b = make_embed_fn(model, task, to_tensor, batch_size=64, prefetch=0)("train", idx)
     assert a.shape == (7, 48) and a.dtype == np.float32
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     ref = model.pre_logits(torch.stack([to_tensor(im) for im in task.load("train", idx)])).detach().numpy()
@@ -101,6 +101,53 @@ def test_fewshot_on_real_cifar_pixels_beats_chance(task):
     shuffled.test_labels = np.random.default_rng(0).permutation(task.test_labels)
     res_bad = fewshot_eval(pixels, shuffled, FewshotConfig(shots=(25,), seeds=(0, 1, 2)))
     assert res_bad["cifar10/25shot/mean"] < 0.16
+
+
+def test_pipeline_task_batched_path_matches_per_image_path(model):
+    # vitpipe.pipeline tasks + ImageTransform take the batched uint8 path; hiding `batches` forces the per-image
+    # path through task.load + transform. Both must give the same features.
+    from vitpipe.pipeline import DigitsTask, ImageTransform
+
+    digits = DigitsTask(size=32)
+    tf = ImageTransform(img_size=32, train=False)
+
+    class LoadOnly:
+        name, load = digits.name, digits.load
+
+    idx = np.arange(0, 300, 7)
+    a = make_embed_fn(model, digits, img_size=32, batch_size=16)("test", idx)
+    b = make_embed_fn(model, LoadOnly(), tf, batch_size=5, prefetch=3)("test", idx)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    res = fewshot_eval(make_embed_fn(model, digits, img_size=32), digits, FewshotConfig(shots=(5,), seeds=(0,)))
+    assert 0.1 < res["digits/5shot/mean"] <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_embed_on_cuda_matches_cpu():
+    from vitpipe.pipeline import DigitsTask
+
+    digits = DigitsTask(size=32)
+    torch.manual_seed(0)
+    m = create("Ti/4", img_size=32, num_classes=0)
+    idx = np.arange(200)
+    cpu = make_embed_fn(m, digits, img_size=32, batch_size=64)("test", idx)
+    gpu = make_embed_fn(m, digits, img_size=32, batch_size=64, device="cuda")("test", idx)
+    assert next(m.parameters()).is_cuda
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-3)  # TF32/cuBLAS vs CPU fp32 accumulation order
+
+
+def test_loader_errors_reach_the_caller(model):
+    class Broken:
+        name = "broken"
+
+        def load(self, split, indices):
+            if indices[0] >= 8:
+                raise OSError("truncated JPEG at index 8")
+            return [Image.new("RGB", (32, 32)) for _ in indices]
+
+    with pytest.raises(OSError, match="truncated JPEG"):
+        make_embed_fn(model, Broken(), to_tensor, batch_size=4, prefetch=2)("train", np.arange(20))
 
 
 def test_fingerprint_tracks_weights_and_extra():
