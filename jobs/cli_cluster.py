@@ -110,20 +110,20 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
     def show(rep: cluster.JobReport, address: str) -> None:
         style = VERDICT_STYLE.get(rep.verdict, "white")
         console.print(f"job [bold]{rep.job_id}[/]: [{style}]{rep.verdict}[/] (Ray: {rep.ray_status}, run.json: "
-                      f"{rep.run_status or 'not written yet'})", highlight=False)
+                      f"{rep.run_status or 'not written yet'})", highlight=False, soft_wrap=True)
         if rep.reason:
             console.print(f"  reason: {rep.reason}", highlight=False, soft_wrap=True)
         if rep.stages:
-            console.print("  stages: " + ", ".join(f"{k}={v}" for k, v in rep.stages.items()), highlight=False)
+            console.print("  stages: " + ", ".join(f"{k}={v}" for k, v in rep.stages.items()), highlight=False, soft_wrap=True)
         if rep.run_id:
-            console.print(f"  run: {rep.run_id} in {rep.store}", highlight=False)
+            console.print(f"  run: {rep.run_id} in {rep.store}", highlight=False, soft_wrap=True)
         link = cluster.mlflow_link(os.environ.get("MLFLOW_TRACKING_URI") or rep.tracking_uri, rep.mlflow_run_id)
         if link:
             console.print(f"  MLflow: {link}", highlight=False, soft_wrap=True)
         if rep.diagnosis:
             console.print(f"  [bold red]diagnosis:[/] {rep.diagnosis}", highlight=False, soft_wrap=True)
         if rep.verdict in ("FAILED", "STOPPED") and rep.run_id:
-            console.print(f"  resume with: vitpipe resume {rep.run_id} --store {rep.store}", highlight=False)
+            console.print(f"  resume with: vitpipe resume {rep.run_id} --store {rep.store}", highlight=False, soft_wrap=True)
 
     address_opt = typer.Option(DEFAULT_ADDRESS, "--address", envvar=_ADDRESS_ENV, help="Ray job server URL.")
 
@@ -160,10 +160,10 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
 
         sub = guarded(go)
         console.print(f"submitted job [bold]{sub.job_id}[/] (run {sub.run_id}, store {sub.store}) to {address}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         console.print(f"  follow: vitpipe logs {sub.job_id} --follow --address {address}\n"
                       f"  status: vitpipe status {sub.job_id} --address {address}\n"
-                      f"  stop:   vitpipe stop {sub.job_id} --address {address}", highlight=False)
+                      f"  stop:   vitpipe stop {sub.job_id} --address {address}", highlight=False, soft_wrap=True)
         if follow:
             _follow_and_judge(sub.job_id, address)
 
@@ -254,7 +254,7 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
                 job = json.load(f)
             cfg = from_dict(PipelineConfig, job["config"])
             console.print(f"vitpipe driver: run {job['run_id']} ({cfg.name}), code from "
-                          f"{os.path.dirname(vitpipe.__file__)}", highlight=False)
+                          f"{os.path.dirname(vitpipe.__file__)}", highlight=False, soft_wrap=True)
             return execute(cfg, job["run_id"], force=tuple(job.get("force", ())), tracking_uri=job.get("tracking_uri"),
                            console=console, label=f"job-{os.environ.get('RAY_JOB_SUBMISSION_ID', 'local')}",
                            progress=False)
@@ -299,7 +299,7 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
             cfg, record = _load_run(store, run_id)
             if record.get("status") == "FINISHED":
                 console.print(f"run {run_id} already FINISHED; to redo a stage: vitpipe rerun {run_id} STAGE",
-                              highlight=False)
+                              highlight=False, soft_wrap=True)
                 raise typer.Exit(0)
             return execute(cfg, run_id, tracking_uri=tracking_uri, console=console,
                            label=f"resume-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -174,7 +174,10 @@ def resource_request(cfg: Any) -> dict[str, Any]:
 def job_env(opts: SubmitOptions, tracking_uri: str | None) -> dict[str, str]:
     """Env vars for the job: auth mode explicit, the allow-listed settings, and what ``opts.env`` names."""
     env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "PYTHONUNBUFFERED": "1",
-           "PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_JOB_STOP_WAIT_TIME_S": str(opts.stop_grace_s)}
+           "PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_JOB_STOP_WAIT_TIME_S": str(opts.stop_grace_s),
+           # The driver's own ray.init(runtime_env=...) (raytools.ensure_ray) merges into the job's instead of
+           # failing on keys both set; the job's working_dir (the submitted code) stays.
+           "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
     for name in (*FORWARDED_ENV, *opts.env):
         if name in os.environ:
             env[name] = os.environ[name]
@@ -191,10 +194,32 @@ def entrypoint_for(opts: SubmitOptions) -> str:
     return f"{python} -m vitpipe.jobs.cli driver {JOB_FILE}"
 
 
+def _leaves(d: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(d, list):
+        for v in d:
+            yield from _leaves(v, prefix)
+    else:
+        yield prefix.rstrip("."), d
+
+
+def check_no_credentials(cfg: Any, tracking_uri: str | None = None) -> None:
+    """Refuse configs that carry secrets (a password in a URL, a secret-named key): the job file, the run record
+    and the dashboard would all hold them. Credentials belong in the cluster's environment / secret store."""
+    for key, value in [*_leaves(to_dict(cfg)), ("--tracking-uri", tracking_uri)]:
+        # Strings only: flags such as model.class_token match the secret-name pattern but hold no secret.
+        if isinstance(value, str) and value and redact(key, value) != value:
+            raise ClusterError(f"'{key}' carries a credential; give it to the cluster through its environment "
+                               f"(MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_* or a Kubernetes Secret), not the config")
+
+
 def submit(cfg: Any, opts: SubmitOptions, *, run_id: str | None = None, client: Any = None) -> Submission:
     """Submit ``cfg`` (resolved, absolute paths) as a Ray job; returns at once with the job and run ids."""
     from vitpipe.jobs.runner import new_run_id
 
+    check_no_credentials(cfg, opts.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     client = client or connect(opts.address)
     run_id = run_id or new_run_id()
     tracking_uri = opts.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
@@ -253,8 +278,12 @@ def _run_record(store: str | None, run_id: str | None) -> dict | None:
 
 def _stage_states(record: dict) -> dict[str, str]:
     store = Store(record["config"]["store"])
+    stages = record.get("stages", {})
+    order = [n for n in record["config"].get("stages", []) if n in stages] + sorted(set(stages) - set(
+        record["config"].get("stages", [])))  # config order is topological; run.json keys are sorted
     states = {}
-    for name, st in record.get("stages", {}).items():
+    for name in order:
+        st = stages[name]
         if exists(store.result_url(name, st["key"])):
             states[name] = "done"
         else:
@@ -281,14 +310,13 @@ def judge(info: Any, record: dict | None) -> JobReport:
         rep.run_status, rep.mlflow_run_id = record.get("status"), record.get("mlflow_run_id")
         rep.stages = _stage_states(record)
     message = (info.message or "").strip().splitlines()
-    last = message[-1] if message else ""
     if rep.ray_status in ("PENDING", "RUNNING"):
         rep.verdict = rep.ray_status
     elif rep.ray_status == "STOPPED":
         rep.verdict, rep.reason = "STOPPED", "stopped by a user (vitpipe stop)"
     elif rep.ray_status == "FAILED":
         rep.verdict = "FAILED"
-        rep.reason = (record or {}).get("error") or last or "the driver failed"
+        rep.reason = _one_line((record or {}).get("error") or "\n".join(message) or "the driver failed")
     else:  # SUCCEEDED: only if the store agrees
         missing = [n for n, s in rep.stages.items() if s != "done"]
         if record is None:
@@ -300,6 +328,14 @@ def judge(info: Any, record: dict | None) -> JobReport:
         else:
             rep.verdict = "SUCCEEDED"
     return rep
+
+
+def _one_line(text: str) -> str:
+    """Wrapped errors (Ray Train's WorkerGroupError, job messages) put the cause on their last line."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    return f"{lines[0]} … {lines[-1]}"
 
 
 def report(client: Any, job_id: str) -> JobReport:

@@ -24,6 +24,8 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
+from vitpipe.jobs.configtools import ConfigError
+
 # Dense (not sparse) bf16 peaks in TFLOP/s and memory in GiB per device.
 ACCELERATORS: dict[str, tuple[float, float]] = {
     "H100": (989.0, 80.0), "H200": (989.0, 141.0), "A100": (312.0, 80.0), "A100-40GB": (312.0, 40.0),
@@ -43,9 +45,9 @@ class Gpus:
 
     def __post_init__(self) -> None:
         if self.count < 1:
-            raise ValueError(f"GPU count must be >= 1, got {self.count}")
+            raise ConfigError(f"GPU count must be >= 1, got {self.count}")
         if self.kind not in ACCELERATORS:
-            raise ValueError(f"unknown accelerator '{self.kind}' (known: {', '.join(ACCELERATORS)})")
+            raise ConfigError(f"unknown accelerator '{self.kind}' (known: {', '.join(ACCELERATORS)})")
 
     @property
     def peak_flops(self) -> float:
@@ -60,7 +62,7 @@ def parse_gpus(text: str) -> Gpus:
     """``"256xH100"`` -> Gpus(count=256, kind="H100"); one clear ValueError otherwise."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*([A-Za-z0-9-]+)\s*", text)
     if not m:
-        raise ValueError(f"bad --gpus '{text}': expected COUNTxKIND, e.g. 256xH100")
+        raise ConfigError(f"bad --gpus '{text}': expected COUNTxKIND, e.g. 256xH100")
     kind = next((k for k in ACCELERATORS if k.lower() == m[2].lower()), m[2])
     return Gpus(count=int(m[1]), kind=kind)
 
@@ -163,7 +165,7 @@ def _stage(name: str, model: Any, images: int, micro: int, global_batch: int, ze
 def plan_compute(cfg: Any, gpus: Gpus, mfu: float = 0.4) -> ComputePlan:
     """Cost of ``cfg``'s training stages (pretrain, finetune incl. its LR grid) on ``gpus`` at ``mfu``."""
     if not 0 < mfu <= 1:
-        raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+        raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
     stages: list[StageCompute] = []
     problems: list[str] = []
     p = cfg.pretrain

@@ -37,6 +37,11 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep.div_(1.0 - p)
 
 
+def dropout_or_identity(p: float) -> nn.Module:
+    """Dropout, or Identity when p == 0 (skips a dispatch per call; matters for small models on CPU)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 # ---- modules --------------------------------------------------------------------------------------
 class PatchEmbed(nn.Module):
     """Linear projection of flattened P×P patches, done as a conv with kernel = stride = P (paper §3.1)."""
@@ -63,12 +68,14 @@ class Attention(nn.Module):
         self.attn_dropout = attn_dropout
         self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
         self.proj = nn.Linear(width, width)
-        self.proj_drop = nn.Dropout(dropout)
+        self.proj_drop = dropout_or_identity(dropout)
 
     def forward(self, x: torch.Tensor, return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, D = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        # unbind along dim 2 (not a leading permute): backward then stacks the q/k/v gradients straight
+        # into the (B, T, 3, heads, head_dim) layout of the fused output, one copy instead of two.
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, heads, T, head_dim), strided
         p = self.attn_dropout if self.training else 0.0
         attn = None
         if return_attn:
@@ -97,7 +104,7 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(width, mlp_dim)
         self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.fc2 = nn.Linear(mlp_dim, width)
-        self.drop = nn.Dropout(dropout)
+        self.drop = dropout_or_identity(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ViTConfig
-from .layers import Block, PatchEmbed, lecun_normal_
+from .layers import Block, PatchEmbed, dropout_or_identity, lecun_normal_
 from .resnet import HybridEmbed
 
 
@@ -40,7 +40,7 @@ class VisionTransformer(nn.Module):
             self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.width)
         self.cls_token = nn.Parameter(torch.empty(1, 1, cfg.width)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.empty(1, cfg.seq_len, cfg.width))
-        self.pos_drop = nn.Dropout(cfg.dropout)
+        self.pos_drop = dropout_or_identity(cfg.dropout)
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             Block(

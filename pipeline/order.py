@@ -221,27 +221,21 @@ class GlobalOrder:
         return self.shard_perm[slot], c - self.cum[slot]
 
 
-def loader_jobs(used: Seq, T: int, rank: int, seg: Segment, consumed: int) -> list[tuple[Seq, int, int]]:
-    """Per loader worker w: (its position sequence, first batch, end batch) to continue after `consumed` batches.
-
-    The DataLoader hands out batches round-robin from worker 0, so worker w serves rank batches
-    t = consumed + w (mod workers), i.e. virtual worker (w + phase + consumed) % workers."""
-    n, B, jobs = seg.workers, seg.batch, []
-    for w in range(n):
-        v = (w + seg.phase + consumed) % n
-        seq = worker_part(used, T, rank, v, seg)
-        jobs.append((seq, count_mod(seg.phase, consumed + seg.phase, n, v), len(seq) // B))
-    return jobs
+def batch_positions(used: Seq, T: int, rank: int, seg: Segment, t: int, cache: dict | None = None) -> np.ndarray:
+    """Positions of batch t (0 <= t < T) of `rank` in a segment: virtual worker (t + phase) % workers, its
+    local batch number count_mod(...). Any loader worker can compute any batch: assignment is by arithmetic.
+    `cache` (a dict owned by the caller, one per segment) keeps the worker parts between batches."""
+    n, B = seg.workers, seg.batch
+    v = (t + seg.phase) % n
+    local = count_mod(seg.phase, t + seg.phase, n, v)
+    part = None if cache is None else cache.get(v)
+    if part is None:
+        part = worker_part(used, T, rank, v, seg)
+        if cache is not None:
+            cache[v] = part
+    return part.slice(local * B, (local + 1) * B).positions()
 
 
 def rank_batch_positions(used: Seq, T: int, rank: int, seg: Segment, consumed: int = 0) -> list[np.ndarray]:
-    """The positions of each remaining batch of `rank`, in the order the rank receives them (simulates the
-    loader's round-robin over `loader_jobs`; for tests and planning tools)."""
-    jobs = [[seq, a, b] for seq, a, b in loader_jobs(used, T, rank, seg, consumed)]
-    out, B = [], seg.batch
-    while any(j[1] < j[2] for j in jobs):
-        for j in jobs:
-            if j[1] < j[2]:
-                out.append(j[0].slice(j[1] * B, (j[1] + 1) * B).positions())
-                j[1] += 1
-    return out
+    """The positions of each remaining batch of `rank`, in the order the rank receives them."""
+    return [batch_positions(used, T, rank, seg, t) for t in range(consumed, T)]

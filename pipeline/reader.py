@@ -6,7 +6,6 @@ filesystem (fsspec filesystems are not fork-safe).
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 import warnings
@@ -19,7 +18,7 @@ from PIL import Image
 
 from .config import StreamConfig
 from .manifest import url_to_fs
-from .order import GlobalOrder, Seq
+from .order import GlobalOrder, Segment, batch_positions, segment_sequence, use_sequence
 from .sources import IMAGE_EXTS
 from .transforms import ImageTransform, SplitMix64, normalize_batch, sample_seed
 
@@ -28,13 +27,14 @@ log = logging.getLogger(__name__)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError)
 
 
-@dataclass
-class Job:
-    """What one loader worker produces: batches [start, stop) of its position sequence."""
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a loader starts: the epoch, its finished layout segments, the current segment and batches consumed."""
 
-    seq: Seq
-    start: int
-    stop: int
+    epoch: int
+    history: tuple[Segment, ...]
+    segment: Segment
+    consumed: int
 
 
 class TarFormatError(ValueError):
@@ -173,31 +173,45 @@ class ShardCache:
 
 
 class BatchReader(torch.utils.data.IterableDataset):
-    """Yields (images, labels, keys, stats delta) for the jobs of this process (one job per loader worker)."""
+    """Yields (images, labels, keys, n_bad, io stats delta) batch after batch, epoch after epoch, for one rank.
 
-    def __init__(self, *, urls, counts, exclude, cfg: StreamConfig, epoch: int, jobs: list[Job],
-                 num_classes: int, multi_label: bool):
+    Loader worker w of n produces the batches g = w, w+n, ... counted from the start point (the DataLoader's
+    round-robin then delivers them in order); every batch's positions are computed from pure functions, so
+    workers need no coordination and keep prefetching across epoch boundaries.
+    """
+
+    def __init__(self, *, urls, counts, exclude, cfg: StreamConfig, start: StartPoint, rank: int, world: int,
+                 num_classes: int, multi_label: bool, max_epochs: int | None = None):
         super().__init__()
-        self.urls, self.counts, self.exclude, self.cfg, self.epoch = urls, counts, exclude, cfg, epoch
-        self.jobs, self.num_classes, self.multi_label = jobs, num_classes, multi_label
+        self.urls, self.counts, self.exclude, self.cfg, self.start = urls, counts, exclude, cfg, start
+        self.rank, self.world, self.max_epochs = rank, world, max_epochs
+        self.num_classes, self.multi_label = num_classes, multi_label
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        job = self.jobs[info.id if info is not None else 0]
-        cfg = self.cfg
-        order = GlobalOrder(self.counts, cfg.seed, self.epoch, cfg.shuffle_buffer, cfg.shuffle)
-        min_count = max(1, int(np.min(self.counts[self.counts > 0])) if (self.counts > 0).any() else 1)
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        cfg, total = self.cfg, int(self.counts.sum())
+        min_count = int(self.counts[self.counts > 0].min()) if (self.counts > 0).any() else 1
         cache = ShardCache(self.urls, self.exclude, cfg, capacity=-(-cfg.shuffle_buffer // min_count) + 2,
                            expected=self.counts)
         tf = ImageTransform(cfg.img_size, cfg.train, cfg.rrc_scale, cfg.rrc_ratio, cfg.hflip, cfg.mean, cfg.std)
-        B = cfg.batch_size
-        for i in range(job.start, job.stop):
-            pos = job.seq.slice(i * B, (i + 1) * B).positions()
-            before = dict(cache.stats)
-            yield self._batch(order, cache, tf, pos) + (
-                {k: cache.stats[k] - before[k] for k in cache.stats},)
+        epoch, history, seg, k = self.start.epoch, list(self.start.history), self.start.segment, self.start.consumed
+        g = 0
+        while self.max_epochs is None or epoch < self.start.epoch + self.max_epochs:
+            used, T, _ = use_sequence(segment_sequence(total, history), self.world, cfg.batch_size, cfg.drop_last)
+            order = GlobalOrder(self.counts, cfg.seed, epoch, cfg.shuffle_buffer, cfg.shuffle)
+            parts: dict = {}
+            for t in range(k, T):
+                if g % n == w:
+                    before = dict(cache.stats)
+                    pos = batch_positions(used, T, self.rank, seg, t, parts)
+                    yield self._batch(order, cache, tf, pos, epoch) + (
+                        {key: cache.stats[key] - before[key] for key in cache.stats},)
+                g += 1
+            epoch, history, k = epoch + 1, [], 0
+            seg = Segment(world=seg.world, workers=seg.workers, batch=seg.batch, drop_last=seg.drop_last)
 
-    def _batch(self, order: GlobalOrder, cache: ShardCache, tf: ImageTransform, pos: np.ndarray):
+    def _batch(self, order: GlobalOrder, cache: ShardCache, tf: ImageTransform, pos: np.ndarray, epoch: int):
         cfg = self.cfg
         shards, idxs = order.lookup(pos)
         out = np.empty((len(pos), cfg.img_size, cfg.img_size, 3), dtype=np.uint8)
@@ -210,7 +224,7 @@ class BatchReader(torch.utils.data.IterableDataset):
                 continue  # shard unreadable, truncated, or shorter than the manifest says
             key, data, label = samples[i]
             keys[j], labels[j] = key, label
-            rng = SplitMix64(sample_seed(cfg.seed, self.epoch, key)) if cfg.train else None
+            rng = SplitMix64(sample_seed(cfg.seed, epoch, key)) if cfg.train else None
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")

@@ -14,8 +14,8 @@ import torch
 
 from .config import StreamConfig
 from .manifest import Manifest, load_exclusions
-from .order import Seq, Segment, loader_jobs, next_phase, segment_sequence, use_sequence
-from .reader import BatchReader, Job
+from .order import Seq, Segment, next_phase, segment_sequence, use_sequence
+from .reader import BatchReader, StartPoint
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class ShardStream:
         self.urls = [self.manifest.url(s) for s in self.manifest.shards]
         self._epoch, self._history, self._consumed = 0, [], 0
         self._segment = self._fresh_segment()
+        self._live = None  # [batch iterator, StartPoint it continues from]
         self.stats = {"samples": 0, "batches": 0, "skipped_corrupt": 0, "wait_s": 0.0, "last_wait_s": 0.0,
                       "read_retries": 0, "failed_shards": 0, "truncated_shards": 0}
         self.check()
@@ -71,6 +72,9 @@ class ShardStream:
     def batches_per_epoch(self) -> int:
         """Batches per rank in a full epoch with this layout; identical on every rank."""
         return use_sequence(Seq.range(self.total), self.world_size, self.cfg.batch_size, self.cfg.drop_last)[1]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch()
 
     def remaining_batches(self) -> int:
         """Batches left in the current epoch on this rank (after a resume: of the current segment)."""
@@ -129,35 +133,50 @@ class ShardStream:
             self._consumed = 0
 
     # ----- iteration -----
-    def _jobs(self, used: Seq, T: int) -> list[Job]:
-        return [Job(seq=q, start=a, stop=b) for q, a, b in
-                loader_jobs(used, T, self.rank, self._segment, self._consumed)]
+    def _start_point(self) -> StartPoint:
+        return StartPoint(epoch=self._epoch, history=tuple(self._history), segment=self._segment,
+                          consumed=self._consumed)
+
+    def _loader(self):
+        """The live batch iterator, reused while the stream continues where it stopped (workers keep prefetching
+        across epochs); rebuilt after `set_epoch` jumps or `load_state_dict`."""
+        here = self._start_point()
+        if self._live is not None and self._live[1] == here:
+            return self._live[0]
+        self.close()
+        reader = BatchReader(urls=self.urls, counts=self.counts, exclude=self._exclude, cfg=self.cfg, start=here,
+                             rank=self.rank, world=self.world_size, num_classes=self.manifest.num_classes,
+                             multi_label=self.manifest.multi_label)
+        if self.cfg.num_workers > 0:
+            it = iter(torch.utils.data.DataLoader(
+                reader, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
+                prefetch_factor=self.cfg.prefetch_factor))
+        else:
+            it = iter(reader)
+        self._live = [it, here]
+        return it
+
+    def close(self) -> None:
+        """Stop loader workers (also happens when the stream is garbage-collected)."""
+        if self._live is not None:
+            it = self._live[0]
+            self._live = None
+            if hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+            elif hasattr(it, "close"):
+                it.close()
 
     def __iter__(self):
-        for images, labels, _ in self.iter_batches(with_keys=True):
-            yield images, labels
+        return self.iter_batches(with_keys=False)
 
     def iter_batches(self, with_keys: bool = True):
-        """Like iterating the stream, yielding (images, labels, keys) - keys identify samples (tests, dedup)."""
+        """Like iterating the stream (the rest of the current epoch), yielding (images, labels, keys) - keys
+        identify samples (tests, audits) - or (images, labels) with `with_keys=False`."""
         used, T = self._layout()
-        if self._consumed >= T:
-            return
-        reader = BatchReader(urls=self.urls, counts=self.counts, exclude=self._exclude, cfg=self.cfg,
-                             epoch=self._epoch, jobs=self._jobs(used, T),
-                             num_classes=self.manifest.num_classes, multi_label=self.manifest.multi_label)
-        if self.cfg.num_workers > 0:
-            src = torch.utils.data.DataLoader(
-                reader, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
-                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
-        else:
-            src = reader
-        it = iter(src)
+        it = self._loader()
         while self._consumed < T:
             t0 = time.perf_counter()
-            try:
-                images, labels, keys, n_bad, io_stats = next(it)
-            except StopIteration:
-                raise RuntimeError(f"rank {self.rank}: loader ended after {self._consumed} of {T} batches") from None
+            images, labels, keys, n_bad, io_stats = next(it)
             if self.cfg.pin_memory and self.cfg.num_workers == 0:
                 images = images.pin_memory()
             wait = time.perf_counter() - t0
@@ -171,12 +190,15 @@ class ShardStream:
             st["samples"] += len(keys)
             st["batches"] += 1
             self._consumed += 1
-            if self._consumed == T:  # epoch done: the state moves to the start of the next one
+            done = self._consumed == T
+            if done:  # epoch finished: the state moves to the start of the next one
                 self._epoch, self._history, self._consumed = self._epoch + 1, [], 0
                 self._segment = self._fresh_segment()
-                yield images, labels, list(keys)
+            if self._live is not None:
+                self._live[1] = self._start_point()
+            yield (images, labels, list(keys)) if with_keys else (images, labels)
+            if done:
                 return
-            yield images, labels, list(keys)
 
     def forever(self):
         """Endless batches over successive epochs (step-based training loops)."""

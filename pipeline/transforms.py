@@ -88,8 +88,9 @@ def crop_resize(img: Image.Image, box: tuple[float, ...], size: int) -> Image.Im
     """Crop `box` (in full-resolution pixels) and resize to size x size, decoding JPEGs at reduced scale when the
     crop still has >= `size` pixels per side after DCT scaling."""
     w, h = img.size
-    if img.format == "JPEG" and getattr(img, "tile", None):
-        bw, bh = box[2] - box[0], box[3] - box[1]
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    if img.format == "JPEG" and min(bw, bh) >= 2 * size and getattr(img, "tile", None):
+        # only worth it when DCT scaling can at least halve the decode (skips the call for CIFAR-size images)
         # ask for a full image so large that the crop region keeps >= size pixels per side
         req = (max(1, math.ceil(w * size / bw)), max(1, math.ceil(h * size / bh)))
         img.draft("RGB", req)

@@ -250,7 +250,7 @@ def finetune_curves(history: Mapping[str, Sequence[tuple[float, float]]], out_pn
                     title: str = "Fine-tuning") -> FigureResult:
     """Training curves, one panel per kind of metric (loss, accuracy, learning rate, ...), one line per series.
 
-    ``history["lr=0.01/train_loss"] = [(step, value), ...]``; noisy series (> 50 points) also get an EMA line.
+    ``history["lr=0.01/train_loss"] = [(step, value), ...]``; noisy series (> 50 points) also get a moving-average line.
     """
     series = {k: np.asarray(v, dtype=float).reshape(-1, 2) for k, v in history.items() if len(v)}
     if not series:
@@ -264,12 +264,12 @@ def finetune_curves(history: Mapping[str, Sequence[tuple[float, float]]], out_pn
         for i, (name, xy) in enumerate((n, s) for n, s in series.items() if _kind(n) == kind):
             color = cmap(i % 10)
             if len(xy) > 50:
+                # Centred moving average: unlike an EMA it does not lag the raw curve.
+                win = max(5, len(xy) // 25) | 1
+                smooth = np.convolve(xy[:, 1], np.ones(win) / win, mode="valid")
                 ax.plot(xy[:, 0], xy[:, 1], color=color, alpha=0.25, lw=0.8)
-                ema, acc = np.empty(len(xy)), xy[0, 1]
-                for t, v in enumerate(xy[:, 1]):
-                    acc = 0.9 * acc + 0.1 * v
-                    ema[t] = acc
-                ax.plot(xy[:, 0], ema, color=color, label=f"{name} (EMA 0.9)")
+                ax.plot(xy[win // 2 : win // 2 + len(smooth), 0], smooth, color=color,
+                        label=f"{name} (mean of {win})")
             else:
                 ax.plot(xy[:, 0], xy[:, 1], color=color, marker="o", ms=3, label=name)
             metrics[f"{name}/final"] = float(xy[-1, 1])

@@ -38,7 +38,7 @@ def test_batches_shapes_labels_and_normalisation(small_shards):
     m = Manifest.load(small_shards)
     s = ShardStream(small_shards, cfg(), rank=0, world_size=1)
     batches = run(s)
-    assert len(batches) == s.batches_per_epoch() == 150 // 8
+    assert len(batches) == s.batches_per_epoch() == len(s) == 150 // 8
     x, y, keys = batches[0]
     assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert -1.0 <= x.min() < 0 < x.max() <= 1.0
@@ -122,8 +122,6 @@ def test_epochs_reshuffle_shards_and_samples(small_shards):
 
 
 def test_eval_order_and_center_crop(small_shards):
-    from PIL import Image  # noqa: F401  (decoding goes through ImageTransform)
-
     from vitpipe.pipeline import ImageTransform
 
     m = Manifest.load(small_shards)

@@ -33,6 +33,8 @@ def test_matches_numpy_normal_equations(n, d, l2):
     np.testing.assert_allclose(probe.weights(l2).numpy(), w_ref, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(probe.scores(x_test, l2).numpy(), s_ref, rtol=1e-5, atol=1e-8)
     np.testing.assert_array_equal(ridge_fit_predict(x, y, x_test, c, l2), s_ref.argmax(1))
+    # The eigendecomposition route (λ sweeps) gives the same solution as the Cholesky route.
+    np.testing.assert_allclose(RidgeProbe(x, y, c).use_eig().weights(l2).numpy(), w_ref, rtol=1e-5, atol=1e-8)
 
 
 def test_matches_sklearn_ridge_on_augmented_matrix():

@@ -1,0 +1,181 @@
+"""cluster.py without a cluster: code staging, verdicts from Ray status + the store, env forwarding, credential
+refusal, and one-line user errors (no cluster at the address, unknown run/stage)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ray.job_submission import JobDetails, JobStatus
+
+from vitpipe.jobs import cluster
+from vitpipe.jobs.configtools import apply_overrides, to_dict
+from vitpipe.jobs.recipes import get_recipe
+from vitpipe.jobs.store import StageResult, Store
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_stage_code_excludes_and_names_the_package(tmp_path):
+    src = tmp_path / "checkout"
+    for rel in ("jobs/cli.py", "models/vit.py", "__init__.py", ".git/HEAD", ".venv/bin/python", "runs/x/run.json",
+                "data/cifar/a.jpg", "jobs/__pycache__/cli.cpython-311.pyc", "vitpipe.egg-info/PKG-INFO",
+                "benchmarks/out/r.json", "benchmarks/model_speed.py", "pipeline/model.pt", "mlflow.db"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text("x")
+    dest = cluster.stage_code(src, tmp_path / "up")
+    got = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
+    assert got == {"vitpipe/jobs/cli.py", "vitpipe/models/vit.py", "vitpipe/__init__.py",
+                   "vitpipe/benchmarks/model_speed.py"}
+
+
+def test_stage_code_refuses_huge_uploads(tmp_path):
+    src = tmp_path / "checkout"
+    src.mkdir()
+    (src / "big.bin").write_bytes(b"0" * 4096)
+    with pytest.raises(cluster.ClusterError, match="exceeds"):
+        cluster.stage_code(src, tmp_path / "up", limit_bytes=1024)
+
+
+def test_the_real_checkout_stages_small():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = cluster.stage_code(cluster.project_root(), tmp)
+        files = [p for p in dest.rglob("*") if p.is_file()]
+        assert (dest / "vitpipe" / "jobs" / "cluster.py").is_file()
+        assert not any(".git" in p.parts or ".venv" in p.parts or "runs" in p.parts for p in files)
+        assert sum(p.stat().st_size for p in files) < 20 << 20
+
+
+def _details(status: str, run_id: str, store: Path, message: str = "") -> JobDetails:
+    return JobDetails(type="SUBMISSION", job_id="02000000", submission_id=f"vitpipe-{run_id}", entrypoint="x",
+                      status=JobStatus(status), message=message, start_time=1_700_000_000_000,
+                      metadata={"vitpipe.run_id": run_id, "vitpipe.store": str(store), "vitpipe.recipe": "tiny"})
+
+
+def _record(store: Store, cfg, status: str, done: list[str]) -> dict:
+    rec = {"run_id": "r1", "config": to_dict(cfg), "status": status, "mlflow_run_id": "abc",
+           "stages": {name: {"key": f"k-{name}", "status": "ran"} for name in cfg.stages}}
+    for name in done:
+        store.save_result(StageResult(stage=name, key=f"k-{name}"))
+    store.save_run("r1", rec)
+    return rec
+
+
+def test_verdict_needs_ray_and_the_store_to_agree(tmp_path):
+    cfg = apply_overrides(get_recipe("tiny"), [f"store={tmp_path}"])
+    store = Store(cfg.store)
+    # Ray says SUCCEEDED but the driver wrote nothing: not a success.
+    rep = cluster.judge(_details("SUCCEEDED", "r1", tmp_path), None)
+    assert rep.verdict == "FAILED" and "no run record" in rep.reason
+    # Exit 0 while run.json still says RUNNING (the log stream ended early, the driver was cut off).
+    rec = _record(store, cfg, "RUNNING", ["ingest", "pretrain"])
+    rep = cluster.judge(_details("SUCCEEDED", "r1", tmp_path), rec)
+    assert rep.verdict == "FAILED" and "run.json says RUNNING" in rep.reason
+    assert rep.stages == {"ingest": "done", "pretrain": "done", "fewshot": "running", "finetune": "waiting",
+                          "analysis": "waiting", "report": "waiting"}
+    # FINISHED but a stage's result.json is missing (deleted / never written): still not a success.
+    rec = _record(store, cfg, "FINISHED", list(cfg.stages)[:-1])
+    rep = cluster.judge(_details("SUCCEEDED", "r1", tmp_path), rec)
+    assert rep.verdict == "FAILED" and "'report' has no result.json" in rep.reason
+    rec = _record(store, cfg, "FINISHED", list(cfg.stages))
+    assert cluster.judge(_details("SUCCEEDED", "r1", tmp_path), rec).ok
+
+
+def test_failed_job_reason_is_the_root_cause_line(tmp_path):
+    cfg = apply_overrides(get_recipe("tiny"), [f"store={tmp_path}"])
+    rec = _record(Store(cfg.store), cfg, "FAILED", ["ingest"])
+    rec["error"] = "WorkerGroupError: Training failed:\n  File x\nTypeError: bad arg"
+    rep = cluster.judge(_details("FAILED", "r1", tmp_path), rec)
+    assert rep.reason == "WorkerGroupError: Training failed: … TypeError: bad arg"
+    assert rep.stages["pretrain"] == "failed" and rep.stages["report"] == "not run"
+    rep = cluster.judge(_details("FAILED", "r1", tmp_path, message="Job entrypoint command failed with exit code 1"),
+                        None)
+    assert rep.verdict == "FAILED" and "exit code 1" in rep.reason
+
+
+def test_job_env_forwards_settings_never_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    monkeypatch.setenv("VITPIPE_STORE", "s3://bucket/runs")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    env = cluster.job_env(cluster.SubmitOptions(), "http://mlflow:5000")
+    assert env["VITPIPE_STORE"] == "s3://bucket/runs" and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["RAY_AUTH_MODE"] == "token"  # explicit, as the submitter has it
+    assert "s3cr3t" not in env.values() and "pw" not in env.values()
+    assert cluster.job_env(cluster.SubmitOptions(env=("MLFLOW_TRACKING_PASSWORD",)), None)[
+        "MLFLOW_TRACKING_PASSWORD"] == "pw"  # only when named explicitly
+    with pytest.raises(cluster.ClusterError, match="--env NOPE: not set"):
+        cluster.job_env(cluster.SubmitOptions(env=("NOPE",)), None)
+
+
+def test_credentials_in_the_config_are_refused_without_echoing_them():
+    cfg = apply_overrides(get_recipe("tiny"), ["tracking.uri=http://me:hunter2@mlflow.example:5000"])
+    with pytest.raises(cluster.ClusterError, match="'tracking.uri' carries a credential") as e:
+        cluster.check_no_credentials(cfg)
+    assert "hunter2" not in str(e.value)
+    with pytest.raises(cluster.ClusterError, match="--tracking-uri"):
+        cluster.check_no_credentials(get_recipe("tiny"), "https://u:p@host")
+    cluster.check_no_credentials(get_recipe("jft-b16"), "https://mlflow.example")  # no secrets: fine
+
+
+def test_entrypoint_interpreter():
+    assert cluster.entrypoint_for(cluster.SubmitOptions(address="http://127.0.0.1:8265")).startswith(
+        os.path.abspath(sys.executable))
+    assert cluster.entrypoint_for(cluster.SubmitOptions(address="http://ray-head:8265")).startswith("python -m ")
+    assert cluster.entrypoint_for(cluster.SubmitOptions(address="http://h:8265", python="/opt/venv/bin/python")) == (
+        "/opt/venv/bin/python -m vitpipe.jobs.cli driver vitpipe_job.json")
+
+
+def test_mlflow_link_never_shows_credentials():
+    assert cluster.mlflow_link("http://u:pw@127.0.0.1:1/", "abc").startswith("http://127.0.0.1:1 (run abc)")
+    assert "pw" not in cluster.mlflow_link("http://u:pw@127.0.0.1:1/", "abc")
+    assert cluster.mlflow_link("sqlite:////tmp/m.db", "abc").startswith("mlflow ui --backend-store-uri sqlite")
+    assert cluster.mlflow_link("http://x", None) == ""
+
+
+def _cli(*args, **env):
+    return subprocess.run([sys.executable, "-m", "vitpipe.jobs.cli", *args], capture_output=True, text=True,
+                          timeout=180, cwd=str(REPO), env={**os.environ, "COLUMNS": "200", **env})
+
+
+@pytest.mark.slow
+def test_user_errors_are_one_line_exit_2(tmp_path):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    cases = [(["status", "vitpipe-x", "--address", f"http://127.0.0.1:{port}"], "no Ray job server at"),
+             (["submit", "nosuch", "--address", f"http://127.0.0.1:{port}"], "unknown recipe 'nosuch'"),
+             (["submit", "tiny", "--set", "pretrain.steps=x", "--address", f"http://127.0.0.1:{port}"],
+              "'pretrain.steps' expects an integer"),
+             (["submit", "tiny", "--address", f"http://127.0.0.1:{port}", "--store", str(tmp_path)],
+              "no Ray job server at"),
+             (["rerun", "nosuchrun", "finetune", "--store", str(tmp_path)], "no run 'nosuchrun'"),
+             (["resume", "nosuchrun", "--store", str(tmp_path)], "no run 'nosuchrun'")]
+    for args, msg in cases:
+        proc = _cli(*args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        out = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
+        assert out[-1].startswith("error:") and msg in out[-1], (args, proc.stdout)
+        assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_rerun_unknown_stage_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from vitpipe.jobs.cli import app
+
+    cfg = apply_overrides(get_recipe("tiny"), [f"store={tmp_path}"])
+    Store(cfg.store).save_run("r1", {"run_id": "r1", "config": to_dict(cfg), "status": "FAILED", "stages": {}})
+    res = CliRunner().invoke(app, ["rerun", "r1", "pretrainn", "--store", str(tmp_path)], env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and "unknown stage 'pretrainn' for run r1" in res.output
+    Store(cfg.store).save_run("r2", {"run_id": "r2", "config": to_dict(cfg), "status": "FINISHED", "stages": {}})
+    res = CliRunner().invoke(app, ["resume", "r2", "--store", str(tmp_path)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "already FINISHED" in res.output and "vitpipe rerun r2" in res.output

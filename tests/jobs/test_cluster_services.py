@@ -1,0 +1,234 @@
+"""Real services for the cluster tests (no tests here): a loopback Ray head (+ an optional second node) and an MLflow
+server, each in its own process group and temp dir so they never touch another session's Ray or MLflow.
+
+``services(tmp_path_factory)`` returns one shared instance per pytest session (test_cluster.py and
+test_mlflow_ui.py both use it), registered in ``sys.modules`` because each test module loads this file by path.
+
+Exposure: Ray binds the GCS and node ports with --node-ip-address=127.0.0.1, but the GCS listens on all interfaces;
+the dashboard/job server and MLflow listen on 127.0.0.1 only. Auth mode is explicit (RAY_AUTH_MODE=disabled here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+NAME = "vitpipe_cluster_services"
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}: {log.read_text()[-3000:] if log else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=3):
+                return
+        except OSError:
+            time.sleep(1.0)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s: {log.read_text()[-3000:] if log else ''}")
+
+
+def _kill_group(proc: subprocess.Popen, marker: str) -> None:
+    """SIGTERM our process group, then SIGKILL any process still carrying our temp-dir marker (ours alone)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(1.0)
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if marker and any(marker in a for a in (p.info["cmdline"] or [])):
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+class RayNode:
+    """``ray start --block`` (head or worker) in its own session; stopped by its process group and temp dir."""
+
+    def __init__(self, temp_dir: str, *, head_address: str | None = None, num_cpus: int = 2):
+        self.temp_dir = temp_dir
+        ports = free_ports(10)
+        self.gcs_port, self.dashboard_port = ports[0], ports[1]
+        args = [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+                "--disable-usage-stats", f"--node-manager-port={ports[2]}", f"--object-manager-port={ports[3]}",
+                f"--metrics-export-port={ports[4]}", f"--dashboard-agent-listen-port={ports[5]}",
+                f"--dashboard-agent-grpc-port={ports[6]}", f"--runtime-env-agent-port={ports[7]}",
+                "--object-store-memory=200000000"]
+        if head_address is None:
+            args += ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={ports[8]}",
+                     f"--temp-dir={temp_dir}"]
+        else:
+            args += [f"--address={head_address}"]
+        lo = 20000 + (ports[9] % 20000)
+        args += [f"--min-worker-port={lo}", f"--max-worker-port={lo + 200}"]
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+               "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+        env.pop("RAY_ADDRESS", None)
+        self.log = Path(temp_dir) / f"ray-start-{ports[2]}.log"
+        self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, cwd=temp_dir)
+        self.marker = f"--node-manager-port={ports[2]}" if head_address else temp_dir
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def stop(self) -> None:
+        _kill_group(self.proc, self.marker)
+
+
+class MlflowServer:
+    """``infra/mlflow/serve_local.sh`` on a free loopback port (sqlite store, artifacts served over HTTP)."""
+
+    def __init__(self, root: str):
+        self.port = free_ports(1)[0]
+        Path(root).mkdir(parents=True, exist_ok=True)
+        self.log = Path(root) / "mlflow.log"
+        env = {**os.environ, "MLFLOW_BIN": str(VENV_BIN / "mlflow")}
+        self.proc = subprocess.Popen(["bash", str(REPO / "infra/mlflow/serve_local.sh"), "--dir", root, "--port",
+                                      str(self.port)], stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        self.root = root
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        _kill_group(self.proc, f"--port {self.port}")
+
+
+class Services:
+    """One Ray head + MLflow server for a test session, and the outputs tests share (the finished tiny job)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        # Short temp dir: Ray's unix socket paths must stay under ~107 characters.
+        self.ray_tmp = tempfile.mkdtemp(prefix="vr", dir="/tmp")
+        self.mlflow = MlflowServer(str(root / "mlflow"))
+        self.head = RayNode(self.ray_tmp)
+        self.extra_nodes: list[RayNode] = []
+        wait_http(self.mlflow.url + "/health", 120, self.mlflow.proc, self.mlflow.log)
+        wait_http(self.head.dashboard + "/api/version", 180, self.head.proc, self.head.log)
+        self.cache: dict[str, object] = {}
+
+    def add_node(self, num_cpus: int = 1) -> RayNode:
+        node = RayNode(self.ray_tmp, head_address=self.head.address, num_cpus=num_cpus)
+        self.extra_nodes.append(node)
+        return node
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for CLI subprocesses: this cluster, this MLflow, explicit auth mode, no inherited secrets."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+        env.update({"RAY_AUTH_MODE": "disabled", "MLFLOW_TRACKING_URI": self.mlflow.url,
+                    "RAY_API_SERVER_ADDRESS": self.head.dashboard, "RAY_ADDRESS": self.head.address,
+                    "COLUMNS": "200", "PYTHONWARNINGS": "ignore::DeprecationWarning"})
+        env.update(extra)
+        return env
+
+    def cli(self, *args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vitpipe.jobs.cli", *args], capture_output=True, text=True,
+                              timeout=timeout, env=self.env(**env), cwd=str(REPO))
+
+    def stop(self) -> None:
+        for n in self.extra_nodes:
+            n.stop()
+        self.head.stop()
+        self.mlflow.stop()
+        subprocess.run(["rm", "-rf", self.ray_tmp], check=False)
+
+
+def services(request, tmp_path_factory) -> Services:
+    """The session's shared services (started on first use, stopped at session end)."""
+    holder = sys.modules.setdefault(NAME, type(sys)(NAME))
+    if getattr(holder, "instance", None) is None:
+        holder.instance = Services(tmp_path_factory.mktemp("cluster"))
+
+        def stop() -> None:
+            holder.instance.stop()
+            holder.instance = None
+
+        request.session.config.add_cleanup(stop)
+    return holder.instance
+
+
+def job_id_from(stdout: str) -> str:
+    for word in stdout.split():
+        if word.startswith("vitpipe-"):
+            return word
+    raise AssertionError(f"no job id in: {stdout}")
+
+
+def mlflow_children(uri: str, parent_id: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def read_run(store: Path, run_id: str) -> dict:
+    return json.loads((store / "runs" / run_id / "run.json").read_text())
+
+
+CIFAR10 = (REPO / ".." / "shared" / "data" / "cifar10").resolve()
+# Client-side secret that must never reach the job, its logs, MLflow or stdout.
+ENV_SECRET = "envsecret-" + "7f3a9c"
+
+
+def tiny_overrides(store: Path, *extra: str) -> list[str]:
+    args = ["tiny", "--store", str(store), "--set", f"data.root={CIFAR10}",
+            "--set", f"fewshot.tasks=cifar10={CIFAR10},digits", "--set", f"finetune.task=cifar10={CIFAR10}",
+            "--set", f"analysis.task=cifar10={CIFAR10}"]
+    for e in extra:
+        args += ["--set", e]
+    return args
+
+
+def finished_tiny(svc: Services) -> dict:
+    """Submit the tiny recipe once per session and wait for it; the outputs several tests read."""
+    if "tiny" not in svc.cache:
+        store = svc.root / "store"
+        sub = svc.cli("submit", *tiny_overrides(store), AWS_SECRET_ACCESS_KEY=ENV_SECRET)
+        assert sub.returncode == 0, sub.stdout + sub.stderr
+        job = job_id_from(sub.stdout)
+        st = svc.cli("status", job, "--wait", timeout=900)
+        run_id = job.removeprefix("vitpipe-")
+        svc.cache["tiny"] = {"job": job, "submit": sub, "status": st, "store": store, "run_id": run_id,
+                             "record": read_run(store, run_id) if (store / "runs" / run_id).exists() else None}
+    return svc.cache["tiny"]
