@@ -32,6 +32,8 @@ class TrackingConfig:
     experiment: str = "vitpipe"
     artifact_location: str | None = None
     """Artifact root for a new experiment; None: <store>/mlartifacts."""
+    register_model: bool = True
+    """Register the pretrained model (pyfunc: images -> class probabilities) as `vitpipe-<recipe>`."""
 
 
 @dataclass(kw_only=True)

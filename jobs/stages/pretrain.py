@@ -23,12 +23,14 @@ from vitpipe.pipeline import Manifest
 log = logging.getLogger(__name__)
 
 # Settings that change how a run is executed or observed, not what it computes: kept out of the cache key.
-_NOT_IN_KEY = ("log_every", "max_failures", "peak_tflops", "placement_strategy", "keep_checkpoints")
+# Topology is also left out: the same run may resume on another number of workers (elastic, universal checkpoints).
+_NOT_IN_KEY = ("log_every", "max_failures", "peak_tflops", "placement_strategy", "keep_checkpoints", "num_workers",
+               "cpus_per_worker", "threads_per_worker", "micro_batch")
 
 
 class PretrainStage:
     name = "pretrain"
-    version = "1"
+    version = "2"
 
     def inputs(self, cfg: Any) -> list[str]:
         return ["ingest"]
@@ -71,7 +73,8 @@ class PretrainStage:
             raise result.error
         if not exists(join(ctx.url, "model.pt")):
             raise RuntimeError(f"pretrain finished but wrote no model.pt under {ctx.url}")
-        metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        # the last logging window, as a summary (the per-step history is already in the tracker)
+        metrics = {f"final_{k}": float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
         ckpt_path = result.checkpoint.path if result.checkpoint else None
         return StageResult(stage=self.name, key=ctx.key, metrics=metrics,
                            artifacts={"model": "model.pt", "model_config": "model.json"},

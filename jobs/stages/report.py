@@ -35,9 +35,10 @@ def report_markdown(results: dict[str, StageResult]) -> str:
         lines += ["", f"Fine-tune: {ft.info.get('task')} at {ft.info.get('img_size')} px, lr {ft.metrics.get('lr')}, "
                       f"test accuracy {100 * ft.metrics['test_acc']:.2f}%"]
     pre = results.get("pretrain")
-    if pre and "loss" in pre.metrics:
-        lines += [f"Pretrain: final loss {pre.metrics['loss']:.3f}, {pre.metrics.get('images_per_s', 0):.0f} img/s "
-                  f"over {int(pre.metrics.get('step', 0))} steps"]
+    if pre and "final_loss" in pre.metrics:
+        m = pre.metrics
+        lines += [f"Pretrain: final loss {m['final_loss']:.3f}, {m.get('final_images_per_s', 0):.0f} img/s "
+                  f"over {int(m.get('final_step', 0))} steps"]
     timing = ", ".join(f"{name} {r.seconds:.0f}s" for name, r in results.items() if name != "report")
     lines += ["", f"Stage time (when run): {timing}"]
     return "\n".join(lines) + "\n"
@@ -45,7 +46,7 @@ def report_markdown(results: dict[str, StageResult]) -> str:
 
 class ReportStage:
     name = "report"
-    version = "1"
+    version = "2"
 
     def inputs(self, cfg: Any) -> list[str]:
         return [s for s in ("pretrain", "fewshot", "finetune", "analysis") if s in cfg.stages]
@@ -66,5 +67,12 @@ class ReportStage:
             headline = {k: v for k, v in ctx.inputs["fewshot"].metrics.items() if k.endswith("shot/mean")}
         if "finetune" in ctx.inputs:
             headline["finetune/test_acc"] = ctx.inputs["finetune"].metrics["test_acc"]
+        info = {"markdown": text}
+        pre = ctx.inputs.get("pretrain")
+        if pre and getattr(ctx.tracker, "uri", None) and cfg.tracking.register_model:
+            from vitpipe.jobs.registry import register_model
+
+            info["registered_model"] = register_model(ctx.tracker.uri, ctx.tracker.run_id, pre.url,
+                                                      f"vitpipe-{cfg.name}", pre.info.get("classes"))
         return StageResult(stage=self.name, key=ctx.key, metrics=headline, artifacts={"report": "report.md"},
-                           info={"markdown": text})
+                           info=info)

@@ -34,6 +34,20 @@ def allow_deepspeed_globals() -> list[Any]:
     return _ALLOWED
 
 
+META = "vitpipe_meta.json"
+
+
+def write_meta(directory: str, meta: dict) -> None:
+    """Rank 0 records how a checkpoint was cut (world size, tag, step) next to DeepSpeed's files."""
+    with open(f"{directory}/{META}", "w") as f:
+        json.dump(meta, f)
+
+
+def read_meta(directory: str) -> dict:
+    with open(f"{directory}/{META}") as f:
+        return json.load(f)
+
+
 def _safe_load(path: str, map_location: Any = None) -> Any:
     return torch.load(path, map_location=map_location, weights_only=True)
 
@@ -96,3 +110,20 @@ def load_consolidated(url: str) -> tuple[dict[str, torch.Tensor], dict]:
     with fsspec.open(f"{url}/model.pt", "rb") as f:
         sd = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     return sd, meta
+
+
+def to_universal(directory: str, tag: str, out_dir: str) -> str:
+    """Convert the sharded checkpoint ``directory/tag`` to DeepSpeed's universal format under ``out_dir``, so it can be
+    loaded at another world size (config ``checkpoint.load_universal``); returns the folder to load from."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    target = f"{out_dir}/{tag}_universal"
+    args = argparse.Namespace(input_folder=f"{directory}/{tag}", output_folder=target, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    ds_to_universal.main(args)
+    with open(f"{out_dir}/latest_universal", "w") as f:
+        f.write(f"{tag}_universal")
+    # client state (trainer step, stream position, RNG) lives in the model-states file, which the conversion keeps
+    return out_dir

@@ -44,6 +44,17 @@ def pretrain_worker(spec: dict) -> None:
     num_params = sum(t.numel() for t in model.parameters())
     ds_cfg = deepspeed_config(p, world_size=world, device=device.type, num_params=num_params)
     ckpt.allow_deepspeed_globals()
+    restored = ray.train.get_checkpoint()
+    resume_dir = None
+    if restored is not None:
+        resume_dir = restored.to_directory()  # a local copy (a no-op path for local storage)
+        meta = ckpt.read_meta(resume_dir)
+        if meta["world_size"] != world:
+            # Elastic resume: the ZeRO shards were cut for another world size; re-cut them via the universal format.
+            log.info("rank %d: checkpoint from %d ranks, resuming on %d via a universal checkpoint", rank,
+                     meta["world_size"], world)
+            resume_dir = ckpt.to_universal(resume_dir, meta["tag"], tempfile.mkdtemp(prefix="vitpipe-universal-"))
+            ds_cfg["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, p.weight_decay),
                                            config=ds_cfg)
     bf16 = ds_cfg["bf16"]["enabled"]
@@ -55,10 +66,8 @@ def pretrain_worker(spec: dict) -> None:
     tracker = _tracker(spec) if rank == 0 else None
 
     state = {"step": 0, "skipped_nonfinite": 0, "rollbacks": 0}
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            client = ckpt.load(engine, d)
+    if resume_dir is not None:
+        client = ckpt.load(engine, resume_dir)
         state.update(client["trainer"])
         stream.load_state_dict(client["stream"])
         torch.set_rng_state(client["rng_cpu"])
@@ -124,7 +133,7 @@ def pretrain_worker(spec: dict) -> None:
         if rank == 0 and (step % p.log_every == 0 or step == p.steps):
             last_metrics = _log_window(tracker, engine, window, fl, p, world, step, stream)
         if step % p.checkpoint_every == 0 or step == p.steps:
-            last_ckpt_dir = _save_and_report(engine, stream, state, step, rank, last_metrics)
+            last_ckpt_dir = _save_and_report(engine, stream, state, step, rank, world, last_metrics)
             if restored is None and debug.get("kill_rank") == rank and debug.get("kill_after_step") == step:
                 os.kill(os.getpid(), signal.SIGKILL)  # a worker dying mid-epoch, after a checkpoint
 
@@ -166,12 +175,15 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return flag.item() == 0.0
 
 
-def _save_and_report(engine, stream: ShardStream, state: dict, step: int, rank: int, metrics: dict) -> str:
+def _save_and_report(engine, stream: ShardStream, state: dict, step: int, rank: int, world: int,
+                     metrics: dict) -> str:
     import ray.train
 
     d = tempfile.mkdtemp(prefix=f"vitpipe-ckpt-r{rank}-")
     ckpt.save(engine, d, step, client={"trainer": dict(state), "stream": stream.state_dict(),
                                        "rng_cpu": torch.get_rng_state()})
+    if rank == 0:
+        ckpt.write_meta(d, {"world_size": world, "tag": f"step{step}", "step": step})
     ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(d),
                      checkpoint_dir_name=f"step_{step:08d}")
     return d

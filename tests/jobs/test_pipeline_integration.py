@@ -55,6 +55,20 @@ def test_tiny_pipeline_runs_caches_and_reruns_one_stage(tmp_path, cifar10_root, 
     figs = {a.path for a in client.list_artifacts(kids["analysis"].info.run_id, "figures")}
     assert "figures/attention_distance.png" in figs
 
+    # The pretrained model is registered and loads as a pyfunc classifier of an image batch.
+    import mlflow.pyfunc
+    import numpy as np
+    from PIL import Image
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    uri = first.results["report"].info["registered_model"]
+    assert uri.startswith("models:/vitpipe-tiny/")
+    clf = mlflow.pyfunc.load_model(uri)
+    imgs = np.stack([np.asarray(Image.open(p).convert("RGB"))
+                     for p in sorted((cifar10_root / "test" / "cat").glob("*.jpg"))[:4]])
+    probs = clf.predict(imgs)
+    assert probs.shape == (4, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
     # Same recipe again: every stage cached, and said so in MLflow.
     second = run_pipeline(cfg, stages_for(cfg), tracking_uri=mlflow_uri, progress=False)
     assert set(second.statuses.values()) == {"cached"}

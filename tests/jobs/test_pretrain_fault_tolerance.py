@@ -19,11 +19,12 @@ from vitpipe.jobs.tracking import NullTracker
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _run(tmp_path, name, cifar10_root, monkeypatch, debug):
+def _run(tmp_path, name, cifar10_root, monkeypatch, debug, *overrides):
     monkeypatch.setenv("VITPIPE_PRETRAIN_DEBUG", json.dumps(debug))
     cfg = resolve_paths(apply_overrides(get_recipe("tiny"), [
         f"store={tmp_path / name}", f"data.root={cifar10_root}", "stages=ingest,pretrain",
-        "pretrain.steps=8", "pretrain.checkpoint_every=3", "pretrain.max_failures=1", "tracking.enabled=false"]))
+        "pretrain.steps=8", "pretrain.checkpoint_every=3", "pretrain.max_failures=1", "tracking.enabled=false",
+        *overrides]))
     summary = run_pipeline(cfg, stages_for(cfg), parent_tracker=NullTracker(), progress=False)
     url = summary.results["pretrain"].url
     with fsspec.open(f"{url}/model.pt", "rb") as f:
@@ -48,3 +49,18 @@ def test_killed_worker_resumes_to_identical_weights(tmp_path, cifar10_root, ray_
     # within the first epoch (9 batches of 16 per rank) no sample appears twice
     first_epoch = [k for (r, s), ks in ref_keys.items() if s <= 8 for k in ks]
     assert len(first_epoch) == len(set(first_epoch))
+
+    # Elastic: the 2-rank run dies for good (no restarts left); `vitpipe run` again on ONE rank resumes the same
+    # stage (topology is not part of its key) from the step-6 checkpoint through a DeepSpeed universal checkpoint.
+    with pytest.raises(Exception):
+        _run(tmp_path, "elastic", cifar10_root, monkeypatch, {"record_keys": True, "kill_rank": 1,
+                                                              "kill_after_step": 6}, "pretrain.max_failures=0")
+    el_w, el_keys = _run(tmp_path, "elastic", cifar10_root, monkeypatch, {"record_keys": True},
+                         "pretrain.num_workers=1", "pretrain.max_failures=0")
+    resumed_steps = sorted(s for (r, s) in el_keys if r == 0 and s > 6)
+    assert resumed_steps == [7, 8]
+    # the same samples in steps 7-8 (re-split over one rank), so the weights agree up to reduction order
+    for step in (7, 8):
+        assert sorted(el_keys[(0, step)]) == sorted(ref_keys[(0, step)] + ref_keys[(1, step)])
+    for name in ref_w:
+        assert torch.allclose(ref_w[name], el_w[name], atol=1e-4, rtol=0), name

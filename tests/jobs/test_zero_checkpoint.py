@@ -77,3 +77,59 @@ def test_zero_stage_save_load_round_trip(tmp_path, stage):
     assert res["lr"][0] == pytest.approx(res["lr"][1])  # the LR schedule resumed too
     assert res["loss"][0] == pytest.approx(res["loss"][1], abs=1e-6)  # optimizer state resumed exactly
     assert res["maxdiff"] <= 1e-6
+
+
+def _save_two_ranks(rank: int, world: int, port: int, ckpt_dir: str, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import deepspeed
+
+    from vitpipe.jobs.train import checkpoint as ckpt
+    from vitpipe.jobs.train.config import PretrainConfig
+    from vitpipe.jobs.train.ds_config import deepspeed_config
+    from vitpipe.jobs.train.optim import param_groups
+    from vitpipe.models import create
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = create("mu/4", img_size=16, num_classes=5)
+    p = PretrainConfig(steps=10, global_batch=8, micro_batch=8 // world, zero_stage=2, warmup_steps=2)
+    cfg = deepspeed_config(p, world_size=world, device="cpu", num_params=0)
+    if out.get("universal"):
+        cfg["checkpoint"] = {"load_universal": True}
+    e = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=cfg)[0]
+    if out.get("universal"):
+        ckpt.load(e, out["universal"])
+    else:
+        for i in range(3):
+            g = torch.Generator().manual_seed(i)
+            x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 5, (8,), generator=g)
+            sl = slice(rank * 4, rank * 4 + 4)
+            loss = torch.nn.functional.cross_entropy(e(x[sl]), y[sl])
+            e.backward(loss)
+            e.step()
+        ckpt.save(e, ckpt_dir, 3, client={"trainer": {"step": 3}})
+    sd = ckpt.full_fp32_state_dict(e)
+    if rank == 0:
+        out["sd"] = {k: v.clone() for k, v in sd.items()}
+        out["lr"] = e.get_lr()[0]
+
+
+def test_universal_checkpoint_resumes_at_another_world_size(tmp_path):
+    """Saved by 2 ZeRO-2 ranks, converted to the universal format, loaded by 1 rank: same weights and schedule."""
+    from vitpipe.jobs.train import checkpoint as ckpt
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_save_two_ranks, args=(2, _free_port(), str(tmp_path / "ck"), out), nprocs=2,
+                           start_method="spawn")
+        saved = dict(out)
+    folder = ckpt.to_universal(str(tmp_path / "ck"), "step3", str(tmp_path / "uni"))
+    with mp.Manager() as manager:
+        out = manager.dict({"universal": folder})
+        mp.start_processes(_save_two_ranks, args=(1, _free_port(), "", out), nprocs=1, start_method="spawn")
+        loaded = dict(out)
+    assert loaded["lr"] == pytest.approx(saved["lr"])
+    for k, v in saved["sd"].items():
+        assert torch.allclose(v, loaded["sd"][k], atol=1e-6), k
