@@ -105,3 +105,10 @@ def jft_l16() -> PipelineConfig:
 def jft_h14() -> PipelineConfig:
     """ViT-H/14 on JFT-300M: base LR 3e-4, 14 epochs (2.5k TPUv3-core-days in the paper)."""
     return _jft("H/14", 3e-4, 14)
+
+
+@recipe
+def mpp_demo() -> PipelineConfig:
+    """The demo with self-supervised masked patch prediction (paper §4.6) instead of labels, same eval stages."""
+    cfg = demo()
+    return replace(cfg, name="mpp-demo", pretrain=replace(cfg.pretrain, objective="mpp", lr=2e-3))

@@ -30,7 +30,7 @@ _NOT_IN_KEY = ("log_every", "max_failures", "peak_tflops", "placement_strategy",
 
 class PretrainStage:
     name = "pretrain"
-    version = "2"
+    version = "3"
 
     def inputs(self, cfg: Any) -> list[str]:
         return ["ingest"]

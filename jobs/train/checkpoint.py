@@ -88,17 +88,21 @@ def full_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_consolidated(engine: Any, model_cfg: Any, out_url: str, rank: int, extra: dict | None = None) -> None:
-    """Write ``model.pt`` (fp32 state_dict) and ``model.json`` (ViTConfig + grid + prefix tokens) from rank 0."""
+def export_consolidated(engine: Any, model_cfg: Any, out_url: str, rank: int, extra: dict | None = None,
+                        vit: Any = None, prefix: str = "") -> None:
+    """Write ``model.pt`` (fp32 state_dict of the ViT) and ``model.json`` (ViTConfig + grid + prefix tokens) from
+    rank 0. With an objective wrapper (MPP), ``prefix`` selects the encoder's entries and ``vit`` is the encoder."""
     sd = full_fp32_state_dict(engine)
     if rank != 0:
         return
+    vit = vit if vit is not None else engine.module
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     buf = io.BytesIO()
     torch.save(sd, buf)
     with fsspec.open(f"{out_url}/model.pt", "wb") as f:
         f.write(buf.getvalue())
-    meta = {"config": model_cfg.to_dict(), "grid_size": list(engine.module.grid_size),
-            "num_prefix_tokens": engine.module.num_prefix_tokens, **(extra or {})}
+    meta = {"config": model_cfg.to_dict(), "grid_size": list(vit.grid_size),
+            "num_prefix_tokens": vit.num_prefix_tokens, **(extra or {})}
     with fsspec.open(f"{out_url}/model.json", "w") as f:
         json.dump(meta, f, indent=2)
 

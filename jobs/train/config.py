@@ -30,6 +30,9 @@ class PretrainConfig:
     """Linear warmup steps (paper: 10k at scale)."""
     schedule: Literal["linear", "cosine"] = "linear"
     """Decay after warmup, to zero at `steps`."""
+    objective: Literal["classification", "mpp"] = "classification"
+    """Supervised classification of the shards' labels, or self-supervised masked patch prediction (paper §4.6:
+    50% of patch embeddings corrupted, predict the 3-bit mean colour of each)."""
     loss: Literal["softmax", "sigmoid"] = "softmax"
     """softmax cross-entropy, or the paper's sigmoid cross-entropy (multi-label capable; use with
     model.classifier_bias_init=-10)."""

@@ -18,6 +18,7 @@ from vitpipe.jobs.train.config import PretrainConfig
 from vitpipe.jobs.train.ds_config import accumulation_steps, deepspeed_config, scaled_lr
 from vitpipe.jobs.train.optim import classification_loss, param_groups, top1
 from vitpipe.models import ViTConfig, create, flops
+from vitpipe.models.mpp import MaskedPatchPrediction
 from vitpipe.pipeline import ShardStream
 
 log = logging.getLogger("vitpipe.pretrain")
@@ -38,9 +39,11 @@ def pretrain_worker(spec: dict) -> None:
     device = ray.train.torch.get_device() if p.use_gpu else torch.device("cpu")
 
     torch.manual_seed(p.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
-    model = create(mcfg)
+    vit = create(mcfg)
     if p.activation_checkpointing:
-        model.set_grad_checkpointing(True)
+        vit.set_grad_checkpointing(True)
+    mpp = p.objective == "mpp"
+    model = MaskedPatchPrediction(vit) if mpp else vit
     num_params = sum(t.numel() for t in model.parameters())
     ds_cfg = deepspeed_config(p, world_size=world, device=device.type, num_params=num_params)
     ckpt.allow_deepspeed_globals()
@@ -101,8 +104,13 @@ def pretrain_worker(spec: dict) -> None:
             y = y.to(device, non_blocking=True)
             if bf16:
                 x = x.to(torch.bfloat16)
-            logits = engine(x)
-            loss = classification_loss(logits, y, p.loss)
+            if mpp:  # corruption randomness from (seed, step, rank, micro-batch): identical after a resume
+                g = torch.Generator(device=device).manual_seed(
+                    ((p.seed * 1_000_003 + state["step"]) * 1_009 + rank) * 101 + len(losses))
+                loss, acc = engine(x, g)
+            else:
+                logits = engine(x)
+                loss = classification_loss(logits, y, p.loss)
             if not _all_finite(loss):
                 # Skip the batch before it touches the weights; repeated failures roll back (paper-scale runs
                 # hit the odd bad batch / loss spike and must not die or silently diverge).
@@ -119,7 +127,7 @@ def pretrain_worker(spec: dict) -> None:
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
-            window["acc"] += top1(logits.detach(), y)
+            window["acc"] += acc.item() if mpp else top1(logits.detach(), y)
             window["n"] += 1
         if losses is None:
             continue
@@ -137,7 +145,8 @@ def pretrain_worker(spec: dict) -> None:
             if restored is None and debug.get("kill_rank") == rank and debug.get("kill_after_step") == step:
                 os.kill(os.getpid(), signal.SIGKILL)  # a worker dying mid-epoch, after a checkpoint
 
-    ckpt.export_consolidated(engine, mcfg, spec["out_url"], rank, extra={"steps": state["step"]})
+    ckpt.export_consolidated(engine, mcfg, spec["out_url"], rank, extra={"steps": state["step"],
+                             "objective": p.objective}, vit=vit, prefix="vit." if mpp else "")
     if tracker:
         tracker.metrics({"skipped_nonfinite": state["skipped_nonfinite"], "rollbacks": state["rollbacks"],
                          **{f"stream/{k}": v for k, v in stream.stats.items() if isinstance(v, (int, float))}},

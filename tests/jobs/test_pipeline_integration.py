@@ -98,3 +98,18 @@ def test_cli_user_errors_are_one_line(tmp_path):
         out = proc.stdout.strip().splitlines()
         assert message in out[-1] and out[-1].startswith("error:"), proc.stdout
         assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_mpp_objective_pretrains_and_feeds_the_same_evals(tmp_path, cifar10_root, ray_local):
+    """Masked patch prediction (paper §4.6) selected by config; its encoder goes through the same few-shot stage."""
+    cfg = _cfg(tmp_path, cifar10_root, "pretrain.objective=mpp", "stages=ingest,pretrain,fewshot",
+               "tracking.enabled=false", "fewshot.random_init_baseline=false", "fewshot.tasks=digits")
+    summary = run_pipeline(cfg, stages_for(cfg), progress=False)
+    pre = summary.results["pretrain"]
+    assert pre.metrics["final_loss"] < 6.2383  # below log(512): the colour head learned something in 6 steps
+    import json
+
+    import fsspec
+    with fsspec.open(f"{pre.url}/model.json") as f:
+        assert json.load(f)["objective"] == "mpp"
+    assert 0.0 < summary.results["fewshot"].metrics["pretrained/digits/5shot/mean"] <= 1.0
