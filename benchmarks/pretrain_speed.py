@@ -134,7 +134,7 @@ def gpu(args) -> None:
         ips = bare_steps(fresh(False), synthetic(batch, 224, 1000, "cuda"), args.steps, "cuda", True)
         rows.append((variant, "bare autocast-bf16 fused AdamW", batch, ips, ips * per_img / peak,
                      torch.cuda.max_memory_allocated() / 2**30))
-        for zero in (1, 2, 3):
+        for zero in args.zero_stages:
             for ckpt in (False, True):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -201,6 +201,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--max-batch", action="store_true")
+    ap.add_argument("--zero-stages", default="1,2,3", type=lambda v: [int(z) for z in v.split(",")])
     args = ap.parse_args()
     if args.device == "cuda":
         args.steps = args.steps or 10

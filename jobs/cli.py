@@ -78,7 +78,7 @@ def run(
         summary = run_pipeline(cfg, stages_for(cfg), force=tuple(force), dry_run=dry_run,
                                tracking_uri=tracking_uri, console=console)
     except USER_ERRORS as e:
-        _fail(str(e).strip("'\""))
+        _fail(str(e))
         return
     if dry_run:
         return
