@@ -105,7 +105,7 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            _fail(str(e).strip("'\""))
+            _fail(str(e))
 
     def show(rep: cluster.JobReport, address: str) -> None:
         style = VERDICT_STYLE.get(rep.verdict, "white")

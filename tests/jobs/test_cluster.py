@@ -4,7 +4,6 @@ refusal, and one-line user errors (no cluster at the address, unknown run/stage)
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -138,33 +137,34 @@ def test_mlflow_link_never_shows_credentials():
     assert cluster.mlflow_link("http://x", None) == ""
 
 
-def _cli(*args, **env):
-    return subprocess.run([sys.executable, "-m", "vitpipe.jobs.cli", *args], capture_output=True, text=True,
-                          timeout=180, cwd=str(REPO), env={**os.environ, "COLUMNS": "200", **env})
-
-
-@pytest.mark.slow
 def test_user_errors_are_one_line_exit_2(tmp_path):
     import socket
+
+    from typer.testing import CliRunner
+
+    from vitpipe.jobs.cli import app
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    cases = [(["status", "vitpipe-x", "--address", f"http://127.0.0.1:{port}"], "no Ray job server at"),
-             (["submit", "nosuch", "--address", f"http://127.0.0.1:{port}"], "unknown recipe 'nosuch'"),
-             (["submit", "tiny", "--set", "pretrain.steps=x", "--address", f"http://127.0.0.1:{port}"],
+    nowhere = f"http://127.0.0.1:{port}"
+    cases = [(["status", "vitpipe-x", "--address", nowhere], "no Ray job server at"),
+             (["jobs", "--address", nowhere], "no Ray job server at"),
+             (["submit", "nosuch", "--address", nowhere], "unknown recipe 'nosuch'"),
+             (["submit", "tiny", "--set", "pretrain.steps=x", "--address", nowhere],
               "'pretrain.steps' expects an integer"),
-             (["submit", "tiny", "--address", f"http://127.0.0.1:{port}", "--store", str(tmp_path)],
-              "no Ray job server at"),
+             (["submit", "tiny", "--force", "pretrainn", "--address", nowhere, "--store", str(tmp_path)],
+              "unknown stage 'pretrainn'"),
+             (["submit", "tiny", "--address", nowhere, "--store", str(tmp_path)], "no Ray job server at"),
              (["rerun", "nosuchrun", "finetune", "--store", str(tmp_path)], "no run 'nosuchrun'"),
              (["resume", "nosuchrun", "--store", str(tmp_path)], "no run 'nosuchrun'")]
     for args, msg in cases:
-        proc = _cli(*args)
-        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
-        out = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
-        assert out[-1].startswith("error:") and msg in out[-1], (args, proc.stdout)
-        assert "Traceback" not in proc.stdout + proc.stderr
+        res = CliRunner().invoke(app, args, env={"COLUMNS": "200", "MLFLOW_TRACKING_URI": ""})
+        assert res.exit_code == 2, (args, res.output, res.exception)
+        out = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+        assert out[-1].startswith("error:") and msg in out[-1], (args, res.output)
+        assert "Traceback" not in res.output
 
 
 def test_rerun_unknown_stage_is_one_line(tmp_path):
