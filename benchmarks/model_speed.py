@@ -132,7 +132,7 @@ def bench_case(case: Case, args, transformers, peak: float) -> list[dict]:
     train_flops = flops(cfg)["train_flops"]
     variants: list[tuple[str, bool]] = [("hf", False), ("vitpipe", False)]
     if args.compile:
-        variants += [("hf", True), ("vitpipe", True)]
+        variants += ([] if args.no_hf_compile else [("hf", True)]) + [("vitpipe", True)]
     runners = {}
     for kind, comp in variants:
         torch.manual_seed(0)
@@ -147,7 +147,9 @@ def bench_case(case: Case, args, transformers, peak: float) -> list[dict]:
             r.step()
         sync(args.device)
         runners[(kind, comp)] = r
-        print(f"  built {kind}{' +compile' if comp else ''} (warm-up {time.perf_counter() - t:.1f}s)", flush=True)
+        label = f"{kind}{' +compile' if comp else ''}"
+        dt = time.perf_counter() - t
+        print(f"  {case.name}@{case.img} b{case.batch}: built {label} (warm-up {dt:.1f}s)", flush=True)
     times: dict[tuple[str, bool], list[float]] = {k: [] for k in runners}
     for _ in range(args.rounds):
         for k, r in runners.items():  # interleaved: background load affects every model alike
@@ -168,6 +170,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default fp32 on CPU, bf16 on CUDA")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--no-hf-compile", action="store_true", help="with --compile: skip compiling HF (slow)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--cases", nargs="*", help="'<variant>@<img>:<batch>', e.g. Ti/4@32:64")
     ap.add_argument("--steps", type=int, default=None, help="steps per timed round")
@@ -202,19 +205,17 @@ def main() -> None:
         print(f"device: {device_name('cpu')}; fp32 4096² matmul peak {peak * 1e3:.0f} GFLOP/s; "
               f"malloc {'keeps freed memory (mallopt)' if tuned else 'default'}")  # fmt: skip
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, dtype {args.dtype}")
-    all_rows = []
-    for c in cases:
-        case = Case.parse(c)
-        print(f"{c}:", flush=True)
-        all_rows += bench_case(case, args, transformers, peak)
     util = "MFU" if cuda else "% of matmul peak"
-    print(f"\n{'case':<20} {'model':<18} {'img/s':>9} {util:>17} {'vs HF eager':>12} {'vs HF same mode':>16}")
-    for r in all_rows:
-        base = next(b for b in all_rows if b["case"] == r["case"] and b["model"] == "hf" and not b["compile"])
-        same = next(b for b in all_rows if b["case"] == r["case"] and b["model"] == "hf" and b["compile"] == r["compile"])
-        label = r["model"] + (" +compile" if r["compile"] else "")
-        print(f"{r['case']:<20} {label:<18} {r['ips']:>9.1f} {100 * r['util']:>16.1f}% "
-              f"{r['ips'] / base['ips']:>11.2f}x {r['ips'] / same['ips']:>15.2f}x")  # fmt: skip
+    print(f"{'case':<20} {'model':<18} {'img/s':>9} {util:>17} {'vs HF eager':>12} {'vs HF same mode':>16}")
+    for c in cases:
+        rows = bench_case(Case.parse(c), args, transformers, peak)
+        base = next(b for b in rows if b["model"] == "hf" and not b["compile"])
+        for r in rows:  # printed per case so a run cut short still reports what it measured
+            same = next((b for b in rows if b["model"] == "hf" and b["compile"] == r["compile"]), None)
+            label = r["model"] + (" +compile" if r["compile"] else "")
+            vs_same = f"{r['ips'] / same['ips']:>15.2f}x" if same else f"{'-':>16}"
+            print(f"{r['case']:<20} {label:<18} {r['ips']:>9.1f} {100 * r['util']:>16.1f}% "
+                  f"{r['ips'] / base['ips']:>11.2f}x {vs_same}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

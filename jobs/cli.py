@@ -88,7 +88,7 @@ def run(
 def _print_summary(summary, seconds: float) -> None:
     rep = summary.results.get("report")
     if rep:
-        console.print(rep.info.get("markdown", ""))
+        console.print(rep.info.get("markdown", ""), soft_wrap=True, markup=False)
     table = Table(title=f"run {summary.run_id} — {summary.status} in {seconds:.0f}s")
     for col in ("stage", "status", "seconds", "output"):
         table.add_column(col)

@@ -189,10 +189,20 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
         Exit code: 0 succeeded or still going, 1 failed/stopped, 2 unknown job or no cluster.
         """
         client = guarded(cluster.connect, address)
+        first_seen: dict[str, float] = {}  # pending placement group -> when this command first saw it
         while True:
             rep = guarded(cluster.report, client, job)
-            if rep.verdict in ("PENDING", "RUNNING"):
-                rep.diagnosis = cluster.diagnose(address, cluster.job_info(client, job), pending_timeout)
+            info = cluster.job_info(client, job)
+            if rep.verdict == "PENDING":
+                rep.diagnosis = cluster.diagnose(address, info, pending_timeout)
+            elif rep.verdict == "RUNNING":
+                waiting = cluster.pending_workers(address, info)
+                first_seen = {pg: first_seen.get(pg, time.monotonic()) for pg in waiting}
+                late = [pg for pg, t in first_seen.items() if time.monotonic() - t >= pending_timeout]
+                if late:
+                    rep.diagnosis = waiting[late[0]] + f" (pending for over {pending_timeout:.0f}s)"
+                elif waiting and not wait:
+                    console.print(f"  note: {next(iter(waiting.values()))}", highlight=False, soft_wrap=True)
             if not wait or rep.ray_status in cluster.TERMINAL or rep.diagnosis:
                 break
             time.sleep(2.0)

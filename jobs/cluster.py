@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from vitpipe.jobs.configtools import to_dict
-from vitpipe.jobs.store import Store, exists
+from vitpipe.jobs.store import Store, exists, local_path
 from vitpipe.jobs.tracking import redact
 
 # Never uploaded: VCS, environments, run outputs, data, caches, build and benchmark outputs (Ray caps uploads).
@@ -402,6 +402,9 @@ def reconcile_stopped(rep: JobReport) -> None:
         rep.run_status = record["status"]
     if record and record.get("mlflow_run_id"):
         uri = os.environ.get("MLFLOW_TRACKING_URI") or record["config"]["tracking"].get("uri")
+        store = record["config"]["store"]
+        if not uri and local_path(store) and os.path.exists(os.path.join(local_path(store), "mlflow.db")):
+            uri = f"sqlite:///{os.path.join(local_path(store), 'mlflow.db')}"  # the runner's default
         if uri:
             close_mlflow_runs(uri, record["mlflow_run_id"], "KILLED" if rep.ray_status == "STOPPED" else "FAILED")
 
@@ -468,50 +471,58 @@ def _short(res: dict[str, float]) -> str:
 
 
 def diagnose(address: str, info: Any, pending_timeout_s: float) -> str:
-    """Why a job (or the training workers of a running job) has waited longer than ``pending_timeout_s``; "" if
-    nothing has waited that long. Compares what is requested with what the cluster's alive nodes have."""
+    """Why a PENDING job has not started after ``pending_timeout_s``: its driver's request against what the
+    cluster's alive nodes have. "" when it has waited less (a RUNNING job's workers: see pending_workers)."""
     status = str(getattr(info.status, "value", info.status))
     now = time.time()
     started = (info.start_time or now * 1000) / 1000
-    if now - started < pending_timeout_s or status not in ("PENDING", "RUNNING"):
+    if status != "PENDING" or now - started < pending_timeout_s:
         return ""
     have = cluster_resources(address)
-    if status == "PENDING":
-        want = {"CPU": info.entrypoint_num_cpus or 0, "GPU": info.entrypoint_num_gpus or 0,
-                **(info.entrypoint_resources or {})}
-        want = {k: v for k, v in want.items() if v}
-        short = {k: v for k, v in want.items() if have.get(k, 0.0) < v}
-        if short:
-            return (f"job PENDING for {now - started:.0f}s: its driver asks for {_short(want)} but the cluster's "
-                    f"alive nodes have {_short(have)} in total (no node can ever fit it; lower --entrypoint-cpus/"
-                    f"--entrypoint-gpus or add nodes)")
-        return (f"job PENDING for {now - started:.0f}s: driver request {_short(want)} fits the cluster "
-                f"({_short(have)}) but is not placed yet: other jobs hold the resources, or its runtime_env is "
-                f"still being set up ({(info.message or '').strip() or 'no message'})")
-    return _diagnose_placement(address, info, have, now)
+    want = {"CPU": info.entrypoint_num_cpus or 0, "GPU": info.entrypoint_num_gpus or 0,
+            **(info.entrypoint_resources or {})}
+    want = {k: v for k, v in want.items() if v}
+    short = {k: v for k, v in want.items() if have.get(k, 0.0) < v}
+    if short:
+        return (f"job PENDING for {now - started:.0f}s: its driver asks for {_short(want)} but the cluster's "
+                f"alive nodes have {_short(have)} in total (it can never be placed; lower --entrypoint-cpus/"
+                f"--entrypoint-gpus or add nodes)")
+    return (f"job PENDING for {now - started:.0f}s: driver request {_short(want)} fits the cluster "
+            f"({_short(have)}) but is not placed yet: other jobs hold the resources, or its runtime_env is "
+            f"still being set up ({(info.message or '').strip() or 'no message'})")
 
 
-def _diagnose_placement(address: str, info: Any, have: dict[str, float], now: float) -> str:
+def pending_workers(address: str, info: Any) -> dict[str, str]:
+    """Placement groups of a RUNNING job that wait for resources: {placement group id: diagnosis}.
+
+    Ray Train asks for its workers as one placement group; one that stays PENDING means the cluster cannot
+    (or not now) host the worker group. The caller decides how long is too long (see `vitpipe status --wait`)."""
     from ray.util.state import list_placement_groups
 
-    job_hex = info.job_id
     pgs = [pg for pg in list_placement_groups(address=address, detail=True, timeout=10)
-           if pg.state == "PENDING" and (not job_hex or pg.creator_job_id == job_hex)]
+           if pg.state == "PENDING" and (not info.job_id or pg.creator_job_id == info.job_id)]
     if not pgs:
-        return ""
-    pg = pgs[0]
-    bundles = [b.get("unit_resources", {}) for b in (pg.bundles or [])]
-    need: dict[str, float] = {}
-    for b in bundles:
-        for k, v in b.items():
-            need[k] = need.get(k, 0.0) + float(v)
-    short = {k: v for k, v in need.items() if have.get(k, 0.0) < v}
-    what = f"{len(bundles)} worker bundles {_short(bundles[0]) if bundles else ''} ({pg.strategy})"
-    if short:
-        return (f"training workers wait for {what}: needs {_short(need)} but the cluster's alive nodes have "
-                f"{_short(have)} (short of {', '.join(short)}); set --set pretrain.use_gpu=false / fewer "
-                f"num_workers, or add nodes")
-    if pg.strategy == "STRICT_SPREAD":
-        return (f"training workers wait for {what}: STRICT_SPREAD needs {len(bundles)} distinct nodes with room; "
-                f"the cluster has {_short(have)}")
-    return f"training workers wait for {what}: cluster has {_short(have)}; other work holds the resources"
+        return {}
+    have = cluster_resources(address)
+    request = json.loads((info.metadata or {}).get("vitpipe.request", "{}") or "{}")
+    strategy = next((r.get("strategy") for r in request.values()), None)
+    out = {}
+    for pg in pgs:
+        bundles = [b.get("unit_resources", {}) for b in (pg.bundles or [])]
+        need: dict[str, float] = {}
+        for b in bundles:
+            for k, v in b.items():
+                need[k] = need.get(k, 0.0) + float(v)
+        short = [k for k, v in need.items() if have.get(k, 0.0) < v]
+        what = f"{len(bundles)} worker bundles of {_short(bundles[0]) if bundles else '?'}"
+        if short:
+            msg = (f"training workers wait for {what}: needs {_short(need)} but the cluster's alive nodes have "
+                   f"{_short(have)} (short of {', '.join(short)}); use --set pretrain.use_gpu=false / fewer "
+                   f"workers, or add nodes")
+        elif strategy == "STRICT_SPREAD":
+            msg = (f"training workers wait for {what} with STRICT_SPREAD: needs {len(bundles)} distinct nodes with "
+                   f"room; the cluster has {_short(have)}")
+        else:
+            msg = f"training workers wait for {what}; the cluster has {_short(have)} but other work holds it"
+        out[pg.placement_group_id] = msg
+    return out

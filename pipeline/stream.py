@@ -55,6 +55,7 @@ class ShardStream:
         self._epoch, self._history, self._consumed = 0, [], 0
         self._segment = self._fresh_segment()
         self._live = None  # [batch iterator, StartPoint it continues from]
+        self._ring = None  # shared-memory batch slots of the live loader
         self.stats = {"samples": 0, "batches": 0, "skipped_corrupt": 0, "wait_s": 0.0, "last_wait_s": 0.0,
                       "read_retries": 0, "failed_shards": 0, "truncated_shards": 0}
         self.check()
@@ -144,9 +145,15 @@ class ShardStream:
         if self._live is not None and self._live[1] == here:
             return self._live[0]
         self.close()
+        c = self.cfg
+        ring = None
+        if c.num_workers > 0:
+            ring = torch.empty((c.num_workers, c.prefetch_factor + 2, c.batch_size, 3, c.img_size, c.img_size),
+                               dtype=torch.float32).share_memory_()
+        self._ring = ring
         reader = BatchReader(urls=self.urls, counts=self.counts, exclude=self._exclude, cfg=self.cfg, start=here,
                              rank=self.rank, world=self.world_size, num_classes=self.manifest.num_classes,
-                             multi_label=self.manifest.multi_label)
+                             multi_label=self.manifest.multi_label, ring=ring)
         if self.cfg.num_workers > 0:
             it = iter(torch.utils.data.DataLoader(
                 reader, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
@@ -177,7 +184,14 @@ class ShardStream:
         while self._consumed < T:
             t0 = time.perf_counter()
             images, labels, keys, n_bad, io_stats = next(it)
-            if self.cfg.pin_memory and self.cfg.num_workers == 0:
+            if isinstance(images, (tuple, list)):  # a shared-memory slot: copy out before the worker reuses it
+                src = self._ring[tuple(images)].numpy()
+                if self.cfg.pin_memory:
+                    images = torch.empty(src.shape, dtype=torch.float32, pin_memory=True)
+                    np.copyto(images.numpy(), src)  # numpy: no intra-op thread contention with the trainer
+                else:
+                    images = torch.from_numpy(src.copy())
+            elif self.cfg.pin_memory:
                 images = images.pin_memory()
             wait = time.perf_counter() - t0
             st = self.stats

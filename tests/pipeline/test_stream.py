@@ -68,13 +68,20 @@ def test_deterministic_and_layout_independent_augmentation(small_shards):
     assert all(torch.equal(x1, x2) and k1 == k2 for (x1, _, k1), (x2, _, k2) in zip(a, b))
     # per-sample randomness comes from (seed, epoch, key): the same key gives the same pixels in another layout
     img = {k: x[i] for x, _, ks in a for i, k in enumerate(ks)}
-    other = run(ShardStream(small_shards, cfg(num_workers=2, batch_size=5), rank=1, world_size=2))
+    # loader workers hand batches over through reused shared-memory slots: a tight prefetch stresses reuse
+    other = run(ShardStream(small_shards, cfg(num_workers=2, batch_size=5, prefetch_factor=1), rank=1, world_size=2))
     for x, _, ks in other:
         for i, k in enumerate(ks):
             if k in img:
                 assert torch.equal(img[k], x[i])
     c = run(ShardStream(small_shards, cfg(seed=1), rank=0, world_size=1))
     assert keys_of(c) != keys_of(a)
+
+
+def test_one_loader_worker_equals_in_process(small_shards):
+    a = run(ShardStream(small_shards, cfg(), rank=0, world_size=2))
+    b = run(ShardStream(small_shards, cfg(num_workers=1), rank=0, world_size=2))
+    assert len(a) == len(b) and all(torch.equal(x1, x2) and k1 == k2 for (x1, _, k1), (x2, _, k2) in zip(a, b))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

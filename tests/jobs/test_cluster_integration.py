@@ -1,0 +1,161 @@
+"""Cluster operations against a real loopback Ray head and a real MLflow server (started by the fixtures here):
+submit tiny -> SUCCEEDED with MLflow parent/child runs; rerun one stage under the same parent; stop a running job
+(runs end KILLED, never RUNNING) and resume it from its checkpoint; a failing job and a job that can never be
+scheduled are reported with their causes; secrets never leave the submitter."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("vitpipe_cluster_services_mod",
+                                               Path(__file__).with_name("test_cluster_services.py"))
+svcmod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(svcmod)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def svc(request, tmp_path_factory):
+    if not svcmod.CIFAR10.joinpath("train").is_dir():
+        pytest.skip(f"CIFAR-10 JPEG folders not found at {svcmod.CIFAR10}")
+    return svcmod.services(request, tmp_path_factory)
+
+
+def _mlflow(svc):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(svc.mlflow.url)
+
+
+def test_submit_tiny_follows_to_succeeded_with_mlflow_runs(svc):
+    tiny = svcmod.finished_tiny(svc)
+    sub, st, job = tiny["submit"], tiny["status"], tiny["job"]
+    assert f"vitpipe logs {job} --follow" in sub.stdout
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert f"job {job}: SUCCEEDED (Ray: SUCCEEDED, run.json: FINISHED)" in st.stdout
+    rec = tiny["record"]
+    assert rec["status"] == "FINISHED"
+    client = _mlflow(svc)
+    parent = client.get_run(rec["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["vitpipe.run_id"] == tiny["run_id"]
+    kids = svcmod.mlflow_children(svc.mlflow.url, rec["mlflow_run_id"])
+    assert {k.data.tags["vitpipe.stage"] for k in kids} == set(rec["config"]["stages"])
+    assert all(k.info.status == "FINISHED" and k.data.tags["vitpipe.run_id"] == tiny["run_id"] for k in kids)
+    assert f"{svc.mlflow.url}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in st.stdout
+
+    # The driver ran the uploaded copy of the code (Ray working_dir), not the checkout the test imports.
+    logs = svc.cli("logs", job)
+    assert logs.returncode == 0 and "runtime_resources/working_dir_files" in logs.stdout
+    jobs = svc.cli("jobs")
+    assert job in jobs.stdout and f"/runs/{parent.info.run_id}" in jobs.stdout
+
+    # A client-side credential never reaches the job (runtime_env, metadata), its logs, stdout or MLflow.
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(svc.head.dashboard).get_job_info(job)
+    leaked = json.dumps({"env": info.runtime_env, "md": info.metadata, "ep": info.entrypoint})
+    params = json.dumps(parent.data.params)
+    for text in (leaked, logs.stdout, sub.stdout, sub.stderr, st.stdout, params):
+        assert svcmod.ENV_SECRET not in text
+
+
+def test_credentials_in_overrides_are_refused_and_not_echoed(svc, tmp_path):
+    res = svc.cli("submit", *svcmod.tiny_overrides(tmp_path, f"tracking.uri=http://me:pw-{svcmod.ENV_SECRET}@"
+                                                             f"127.0.0.1:{svc.mlflow.port}"))
+    assert res.returncode == 2
+    assert "'tracking.uri' carries a credential" in res.stdout.strip().splitlines()[-1]
+    assert svcmod.ENV_SECRET not in res.stdout + res.stderr
+
+
+def test_rerun_one_stage_under_the_same_parent(svc):
+    tiny = svcmod.finished_tiny(svc)
+    run_id, parent_id = tiny["run_id"], tiny["record"]["mlflow_run_id"]
+    before = {k.info.run_id for k in svcmod.mlflow_children(svc.mlflow.url, parent_id)}
+    res = svc.cli("rerun", run_id, "finetune", "--store", str(tiny["store"]), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    client = _mlflow(svc)
+    assert client.get_run(parent_id).info.status == "FINISHED"  # re-opened, then closed again
+    new = [k for k in svcmod.mlflow_children(svc.mlflow.url, parent_id) if k.info.run_id not in before]
+    assert {k.data.tags["vitpipe.attempt"].split("-")[0] for k in new} == {"rerun"}
+    ran = {k.data.tags["vitpipe.stage"] for k in new if k.data.tags.get("cached") != "true"}
+    assert ran == {"finetune", "analysis", "report"}  # the stage and what reads it; the rest is cached
+    assert all(k.info.status == "FINISHED" for k in new)
+    rec = svcmod.read_run(tiny["store"], run_id)
+    assert rec["status"] == "FINISHED" and rec["mlflow_run_id"] == parent_id
+
+
+def _wait_for(pred, timeout: float, what: str, poll: float = 2.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        got = pred()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def test_stop_marks_runs_killed_and_resume_continues_from_the_checkpoint(svc):
+    tiny = svcmod.finished_tiny(svc)  # ingest is cached in this store; pretrain gets a new key (more steps)
+    store = tiny["store"]
+    sub = svc.cli("submit", *svcmod.tiny_overrides(store, "pretrain.steps=200", "pretrain.checkpoint_every=4",
+                                                   "pretrain.log_every=4"))
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    job = svcmod.job_id_from(sub.stdout)
+    run_id = job.removeprefix("vitpipe-")
+    pre_url = lambda: svcmod.read_run(store, run_id)["stages"]["pretrain"]["key"]  # noqa: E731
+    _wait_for(lambda: (store / "runs" / run_id / "run.json").exists(), 300, "the run record")
+    ckpt_root = store / "stages" / "pretrain" / pre_url() / "ray"
+    _wait_for(lambda: [p for p in ckpt_root.rglob("checkpoint_*") if p.is_dir() and any(p.iterdir())], 400,
+              "a first pretrain checkpoint")
+
+    res = svc.cli("stop", job)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"job {job}: STOPPED" in res.stdout and f"vitpipe resume {run_id}" in res.stdout
+    rec = svcmod.read_run(store, run_id)
+    assert rec["status"] in ("FAILED", "STOPPED")
+    client = _mlflow(svc)
+    parent = client.get_run(rec["mlflow_run_id"])
+    assert parent.info.status in ("KILLED", "FAILED")
+    assert not [k for k in svcmod.mlflow_children(svc.mlflow.url, parent.info.run_id) if k.info.status == "RUNNING"]
+
+    res = svc.cli("resume", run_id, "--store", str(store), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rec = svcmod.read_run(store, run_id)
+    assert rec["status"] == "FINISHED" and rec["mlflow_run_id"] == parent.info.run_id
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    resumed = [k for k in svcmod.mlflow_children(svc.mlflow.url, parent.info.run_id)
+               if k.data.tags.get("vitpipe.stage") == "pretrain" and k.data.tags["vitpipe.attempt"].startswith("resume")]
+    assert len(resumed) == 1
+    steps = [m.step for m in client.get_metric_history(resumed[0].info.run_id, "loss")]
+    assert steps and min(steps) > 4, steps  # restored from a checkpoint, not from step 0
+
+
+def test_failing_job_reports_its_cause(svc, tmp_path):
+    missing = tmp_path / "no-such-images"
+    sub = svc.cli("submit", *svcmod.tiny_overrides(tmp_path / "store", f"data.root={missing}"))
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    job = svcmod.job_id_from(sub.stdout)
+    st = svc.cli("status", job, "--wait", timeout=600)
+    assert st.returncode == 1
+    assert f"job {job}: FAILED (Ray: FAILED, run.json: FAILED)" in st.stdout
+    reason = next(ln for ln in st.stdout.splitlines() if "reason:" in ln)
+    assert str(missing) in reason
+    assert "ingest=failed" in st.stdout and "vitpipe resume" in st.stdout
+
+
+def test_unschedulable_job_is_diagnosed_and_stopped(svc, tmp_path):
+    sub = svc.cli("submit", *svcmod.tiny_overrides(tmp_path / "store"), "--entrypoint-gpus", "1")
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    job = svcmod.job_id_from(sub.stdout)
+    st = svc.cli("status", job, "--wait", "--pending-timeout", "3")
+    assert st.returncode == 1, st.stdout
+    assert f"job {job}: PENDING" in st.stdout
+    assert "diagnosis: job PENDING" in st.stdout and "GPU: 1" in st.stdout and "CPU: 2" in st.stdout
+    stop = svc.cli("stop", job)
+    assert f"job {job}: STOPPED" in stop.stdout
