@@ -114,7 +114,8 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
         if rep.reason:
             console.print(f"  reason: {rep.reason}", highlight=False, soft_wrap=True)
         if rep.stages:
-            console.print("  stages: " + ", ".join(f"{k}={v}" for k, v in rep.stages.items()), highlight=False, soft_wrap=True)
+            stages = ", ".join(f"{k}={v}" for k, v in rep.stages.items())
+            console.print(f"  stages: {stages}", highlight=False, soft_wrap=True)
         if rep.run_id:
             console.print(f"  run: {rep.run_id} in {rep.store}", highlight=False, soft_wrap=True)
         link = cluster.mlflow_link(os.environ.get("MLFLOW_TRACKING_URI") or rep.tracking_uri, rep.mlflow_run_id)
@@ -123,7 +124,8 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
         if rep.diagnosis:
             console.print(f"  [bold red]diagnosis:[/] {rep.diagnosis}", highlight=False, soft_wrap=True)
         if rep.verdict in ("FAILED", "STOPPED") and rep.run_id:
-            console.print(f"  resume with: vitpipe resume {rep.run_id} --store {rep.store}", highlight=False, soft_wrap=True)
+            console.print(f"  resume with: vitpipe resume {rep.run_id} --store {rep.store}", highlight=False,
+                          soft_wrap=True)
 
     address_opt = typer.Option(DEFAULT_ADDRESS, "--address", envvar=_ADDRESS_ENV, help="Ray job server URL.")
 

@@ -17,6 +17,7 @@ import fnmatch
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -189,7 +190,7 @@ def job_env(opts: SubmitOptions, tracking_uri: str | None) -> dict[str, str]:
 
 
 def entrypoint_for(opts: SubmitOptions) -> str:
-    python = opts.python or ("" if not is_local_address(opts.address) else os.path.abspath(os.sys.executable))
+    python = opts.python or ("" if not is_local_address(opts.address) else os.path.abspath(sys.executable))
     python = python or "python"
     return f"{python} -m vitpipe.jobs.cli driver {JOB_FILE}"
 
@@ -435,11 +436,11 @@ def mlflow_link(tracking_uri: str | None, mlflow_run_id: str | None) -> str:
     if not uri.startswith("http"):
         return f"mlflow ui --backend-store-uri {uri}  (run {mlflow_run_id})"
     exp = _experiment_of(tracking_uri, mlflow_run_id)
-    base = _URL_NO_CREDS(uri)
+    base = _without_credentials(uri)
     return f"{base}/#/experiments/{exp}/runs/{mlflow_run_id}" if exp else f"{base} (run {mlflow_run_id})"
 
 
-def _URL_NO_CREDS(uri: str) -> str:  # noqa: N802 - reads as a constant transformation
+def _without_credentials(uri: str) -> str:
     p = urlparse(uri)
     return p._replace(netloc=p.hostname + (f":{p.port}" if p.port else "")).geturl().rstrip("/")
 

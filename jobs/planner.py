@@ -152,13 +152,15 @@ def _stage(name: str, model: Any, images: int, micro: int, global_batch: int, ze
     sc.gpu_hours = sc.wall_s * gpus.count / 3600.0
     if global_batch < per_step:
         sc.notes.append(f"micro_batch {micro} x {gpus.count} GPUs = {per_step} exceeds the global batch "
-                        f"{global_batch}: lower the micro batch to {max(1, global_batch // gpus.count)} or use fewer GPUs")
+                        f"{global_batch}: lower the micro batch to {max(1, global_batch // gpus.count)} or use "
+                        f"fewer GPUs")
     elif global_batch % per_step:
         sc.notes.append(f"global batch {global_batch} is not a multiple of micro_batch x GPUs = {per_step}")
     if not sc.fits(zero, False, gpus.memory_bytes):
         ok = [f"ZeRO-{z}{' + act. ckpt' if c else ''}" for c in (False, True) for z in range(4)
               if sc.fits(z, c, gpus.memory_bytes)]
-        sc.notes.append(f"ZeRO-{zero} does not fit {gpus.kind} memory; fits: {', '.join(ok) or 'none (smaller micro batch)'}")
+        fits = ", ".join(ok) or "none (use a smaller micro batch)"
+        sc.notes.append(f"ZeRO-{zero} does not fit {gpus.kind} memory; fits: {fits}")
     return sc
 
 

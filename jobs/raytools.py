@@ -7,6 +7,10 @@ import os
 
 log = logging.getLogger(__name__)
 
+# glibc returns freed activation memory to the OS and page-faults it back every step (40-50% of a CPU B/16 step in
+# a profile); keeping it mapped costs nothing on a training worker.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS`` if given, else start a local head bound to 127.0.0.1."""

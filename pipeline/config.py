@@ -100,8 +100,8 @@ class StreamConfig:
     """Per-channel std dividing after mean subtraction."""
     pin_memory: bool = False
     """Pin batches in page-locked memory (only useful with a CUDA device)."""
-    prefetch_factor: int = 4
-    """Batches each loader worker prepares ahead."""
+    prefetch_factor: int = 2
+    """Batches each loader worker prepares ahead (each worker holds prefetch_factor + 2 shared-memory slots)."""
     exclude: str | None = None
     """URL of an exclusion list (JSON `{shard name: [keys]}`, e.g. from `vitpipe.pipeline.dedup`) to skip."""
     read_retries: int = 3

@@ -254,10 +254,9 @@ class BatchReader(torch.utils.data.IterableDataset):
                 src = ok[np.searchsorted(ok, j) % len(ok)]
                 pixels[j], labels[j], keys[j] = pixels[src], labels[src], keys[src]
         images = normalize_batch(pixels, cfg.mean, cfg.std, out=out)
+        # labels travel as plain numpy / lists: a small tensor would cost its own shared-memory segment per batch
         if self.multi_label:
-            y = torch.zeros(len(pos), self.num_classes)
-            for j, lab in enumerate(labels):
-                y[j, lab if isinstance(lab, list) else [lab]] = 1.0
+            y = [lab if isinstance(lab, list) else [lab] for lab in labels]
         else:
-            y = torch.tensor([lab if isinstance(lab, int) else lab[0] for lab in labels], dtype=torch.int64)
+            y = np.array([lab if isinstance(lab, int) else lab[0] for lab in labels], dtype=np.int64)
         return images, y, keys, n_bad

@@ -173,6 +173,15 @@ class ShardStream:
             elif hasattr(it, "close"):
                 it.close()
 
+    def _labels(self, raw) -> torch.Tensor:
+        """int64 (B,) from a numpy array, or a multi-hot float (B, C) from per-sample label lists."""
+        if not self.manifest.multi_label:
+            return torch.as_tensor(np.asarray(raw), dtype=torch.int64)
+        rows = np.repeat(np.arange(len(raw)), [len(r) for r in raw])
+        y = torch.zeros(len(raw), self.manifest.num_classes)
+        y[torch.from_numpy(rows), torch.as_tensor([c for r in raw for c in r], dtype=torch.int64)] = 1.0
+        return y
+
     def __iter__(self):
         return self.iter_batches(with_keys=False)
 
@@ -193,6 +202,7 @@ class ShardStream:
                     images = torch.from_numpy(src.copy())
             elif self.cfg.pin_memory:
                 images = images.pin_memory()
+            labels = self._labels(labels)
             wait = time.perf_counter() - t0
             st = self.stats
             st["wait_s"] += wait

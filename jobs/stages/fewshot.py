@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from vitpipe.jobs.configtools import to_dict
 from vitpipe.jobs.evals.features import FeatureCache, make_embed_fn
@@ -72,7 +73,8 @@ class FewshotStage:
             for label, (m, key) in models.items():
                 embed = make_embed_fn(m, task, img_size=size, batch_size=fc.probe.batch_size,
                                       representation=fc.probe.representation)
-                res = fewshot_eval(embed, task, fc.probe, cache, model_key=key, resolution=size)
+                with tqdm(desc=f"fewshot {task.name} {label}", unit="img", disable=not ctx.progress) as bar:
+                    res = fewshot_eval(_counted(embed, bar), task, fc.probe, cache, model_key=key, resolution=size)
                 metrics.update({f"{label}/{k}": v for k, v in res.items()})
                 curves.setdefault(task.name, {})[label] = {k: list(v) for k, v in summarize(res, task.name).items()}
                 log.info("fewshot %s %s: %s", task.name, label, {k: round(v[0], 4)
@@ -80,6 +82,15 @@ class FewshotStage:
         return StageResult(stage=self.name, key=ctx.key, metrics=metrics,
                            info={"curves": curves, "img_size": size,
                                  "tasks": [parse_task(t)[0] for t in fc.tasks]})
+
+
+def _counted(embed, bar):
+    """Embedding function that advances a progress bar by the images it embeds (cache hits embed nothing)."""
+    def fn(split, indices):
+        out = embed(split, indices)
+        bar.update(len(indices))
+        return out
+    return fn
 
 
 def _side(img_size: int | tuple[int, int]) -> int:

@@ -6,7 +6,7 @@ from typing import Any
 
 from vitpipe.jobs.configtools import to_dict
 from vitpipe.jobs.graph import StageContext
-from vitpipe.jobs.raytools import ensure_ray
+from vitpipe.jobs.raytools import MALLOC_ENV, ensure_ray
 from vitpipe.jobs.store import StageResult, join, local_path, read_json
 from vitpipe.jobs.train.finetune_loop import finetune_worker
 
@@ -35,7 +35,8 @@ class FinetuneStage:
             finetune_worker, train_loop_config=spec,
             scaling_config=ScalingConfig(num_workers=f.num_workers, resources_per_worker={"CPU": f.cpus_per_worker}),
             run_config=RunConfig(name="ray", storage_path=local_path(ctx.url) or ctx.url,
-                                 worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(f.cpus_per_worker)}}))
+                                 worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(f.cpus_per_worker),
+                                                                  **MALLOC_ENV}}))
         result = trainer.fit()
         if result.error:
             raise result.error

@@ -15,7 +15,7 @@ from typing import Any
 
 from vitpipe.jobs.configtools import to_dict
 from vitpipe.jobs.graph import StageContext
-from vitpipe.jobs.raytools import ensure_ray
+from vitpipe.jobs.raytools import MALLOC_ENV, ensure_ray
 from vitpipe.jobs.store import StageResult, exists, join, local_path
 from vitpipe.jobs.train.loop import pretrain_worker
 from vitpipe.pipeline import Manifest
@@ -65,7 +65,8 @@ class PretrainStage:
                 name="ray", storage_path=storage,
                 failure_config=FailureConfig(max_failures=p.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints),
-                worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
+                worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                                                 **MALLOC_ENV}},
             ),
         )
         result = trainer.fit()

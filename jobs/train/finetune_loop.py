@@ -108,6 +108,7 @@ def train_one(model, task, indices: np.ndarray, f: Any, lr: float, steps: int, r
                 ips = f.batch_size * f.log_every / max(time.perf_counter() - t0, 1e-9)
                 tracker.metrics({"loss": loss.item(), "lr": sched.get_last_lr()[0], "grad_norm": float(gn),
                                  "train_acc": top1(logits.detach(), y), "images_per_s": ips}, step=step)
+                log.info("finetune lr=%g step %d/%d loss %.4f %.1f img/s", lr, step, steps, loss.item(), ips)
                 t0 = time.perf_counter()
     return (ema if ema is not None else model), curve
 

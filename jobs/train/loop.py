@@ -218,8 +218,9 @@ def _log_window(tracker, engine, w: dict, fl: dict, p: PretrainConfig, world: in
         m["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if tracker:
         tracker.metrics(m, step=step)
-    log.info("step %d/%d loss %.4f lr %.2e %.1f img/s wait %.0f%%", step, p.steps, m["loss"], m["lr"], ips,
-             100 * m["data_wait_frac"])
+    eta = (p.steps - step) * p.global_batch / max(ips, 1e-9)
+    log.info("pretrain step %d/%d (%.0f%%) loss %.4f lr %.2e %.1f img/s data-wait %.0f%% eta %.0fs", step, p.steps,
+             100 * step / p.steps, m["loss"], m["lr"], ips, 100 * m["data_wait_frac"], eta)
     w.update(t0=time.perf_counter(), wait=0.0, images=0, loss=0.0, acc=0.0, n=0)
     return m
 

@@ -93,7 +93,8 @@ def test_stage_statuses_cached_stale_to_run(tmp_path):
     assert {s for _, s in stage_plan(cfg)} == {"to run"}
     # ingest done for this config; an older run produced pretrain under another key (e.g. other steps).
     store.save_result(StageResult(stage="ingest", key=first["ingest"].key))
-    store.save_run("old", {"run_id": "old", "started": "2020", "stages": {"pretrain": {"key": "0123", "status": "ran"}}})
+    store.save_run("old", {"run_id": "old", "started": "2020",
+                           "stages": {"pretrain": {"key": "0123", "status": "ran"}}})
     statuses = {it.stage.name: s for it, s in stage_plan(cfg)}
     assert statuses["ingest"] == "cached"
     assert statuses["pretrain"] == "stale"

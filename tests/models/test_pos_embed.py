@@ -80,3 +80,18 @@ def test_load_pretrained_rejects_incompatible_checkpoints():
     wrong = ViTConfig.from_name("mu/4", img_size=32)  # config that does not describe the weights
     with pytest.raises(ValueError, match="pos_embed has 17 rows but its config implies 65"):
         load_pretrained(create("mu/4", img_size=16), src.state_dict(), wrong)
+
+
+def test_load_pretrained_hybrid_to_non_square_resolution():
+    from vitpipe.models import HybridConfig
+
+    hyb = HybridConfig(layers=(1, 1), width=32)
+    src = create(ViTConfig(width=64, depth=1, num_heads=2, mlp_dim=128, patch_size=8, img_size=16, hybrid=hyb))
+    dst = create(src.cfg.replace(img_size=(24, 40), num_classes=2))
+    info = load_pretrained(dst, src.state_dict(), src.cfg.to_dict())
+    assert info["missing"] == ["head.weight", "head.bias"] and info["unexpected"] == []
+    torch.testing.assert_close(
+        dst.patch_embed.backbone.conv_root.weight, src.patch_embed.backbone.conv_root.weight, rtol=0, atol=0
+    )
+    assert dst.pos_embed.shape == (1, 1 + 3 * 5, 64)
+    assert dst(torch.randn(1, 3, 24, 40)).shape == (1, 2)
