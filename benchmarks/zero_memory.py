@@ -31,7 +31,7 @@ def state_bytes(engine) -> dict[str, int]:
         params += _bytes(p.ds_tensor) if hasattr(p, "ds_tensor") else _bytes(p)
     opt = engine.optimizer
     master = 0
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition", "fp32_groups_flat"):
         for t in getattr(opt, name, None) or []:
             master += _bytes(t)
     inner = getattr(opt, "optimizer", opt)

@@ -65,6 +65,22 @@ class Seq:
         lens[-1] -= self.cum[j] - b
         return Seq(starts, lens, self.pad[i:j])
 
+    def take(self, a: np.ndarray, b: np.ndarray) -> "Seq":
+        """Concatenation of the sub-sequences [a[i], b[i]) (vectorised `slice` for many ranges at once)."""
+        a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+        keep = b > a
+        a, b = a[keep], b[keep]
+        if len(a) == 0:
+            return Seq([], [], [])
+        i0 = np.searchsorted(self.cum, a, side="right") - 1
+        i1 = np.searchsorted(self.cum, b, side="left") - 1
+        pieces = i1 - i0 + 1
+        rng = np.repeat(np.arange(len(a)), pieces)
+        idx = np.repeat(i0, pieces) + (np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces))
+        lo = np.maximum(a[rng], self.cum[idx])
+        hi = np.minimum(b[rng], self.cum[idx + 1])
+        return Seq(self.starts[idx] + (lo - self.cum[idx]), hi - lo, self.pad[idx])
+
     def strip_pad(self) -> "Seq":
         return Seq(self.starts[~self.pad], self.lens[~self.pad], np.zeros(int((~self.pad).sum()), bool))
 
@@ -153,14 +169,13 @@ def remaining(R: Seq, seg: Segment) -> Seq:
     """The positions of R not yet consumed after `seg.consumed` batches on every rank."""
     used, T, tail = use_sequence(R, seg.world, seg.batch, seg.drop_last)
     k, B, n = min(seg.consumed, T), seg.batch, seg.workers
-    parts = []
-    for r in range(seg.world):
-        for v in range(n):
-            done = count_mod(seg.phase, k + seg.phase, n, v)
-            p = worker_part(used, T, r, v, seg)
-            parts.append(p.slice(done * B, len(p)))
-    parts.append(tail)
-    return Seq.concat(parts)
+    sizes = np.array([count_mod(seg.phase, T + seg.phase, n, v) for v in range(n)], np.int64)  # batches per worker
+    done = np.array([count_mod(seg.phase, k + seg.phase, n, v) for v in range(n)], np.int64)
+    offs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    base = (np.arange(seg.world, dtype=np.int64) * T * B)[:, None]  # rank r, worker v: [base + off, +size)
+    a = (base + (offs + done)[None, :] * B).reshape(-1)
+    b = (base + (offs + sizes)[None, :] * B).reshape(-1)
+    return Seq.concat([used.take(a, b), tail])
 
 
 def segment_sequence(total: int, history: list[Segment]) -> Seq:

@@ -15,7 +15,7 @@ _NOT_IN_KEY = ("log_every", "eval_batch_size")
 
 class FinetuneStage:
     name = "finetune"
-    version = "2"
+    version = "3"
 
     def inputs(self, cfg: Any) -> list[str]:
         return ["pretrain"]

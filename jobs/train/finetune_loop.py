@@ -45,17 +45,24 @@ def cosine_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def _batches(task, split: str, indices: np.ndarray, tf, batch: int, rng: np.random.Generator | None):
-    """Endless (shuffled when rng is given) batches of (images, labels) from ``indices`` of ``task``."""
+def _batches(task, split: str, indices: np.ndarray, tf, batch: int, rng: np.random.Generator | None, seed: int = 0):
+    """Endless (shuffled when rng is given) batches of (images, labels) from ``indices`` of ``task``; training
+    augmentation is drawn per image from (seed, epoch, index), so a run is reproducible."""
     labels = np.asarray(task.train_labels if split == "train" else task.test_labels)
+    epoch = 0
     while True:
         order = rng.permutation(indices) if rng is not None else indices
         for i in range(0, len(order) - batch + 1 if rng is not None else len(order), batch):
             idx = order[i:i + batch]
-            x = torch.stack([tf(im) for im in task.load(split, idx)])
+            ims = task.load(split, idx)
+            if rng is not None:
+                x = torch.stack([tf(im, np.random.default_rng([seed, epoch, int(j)])) for im, j in zip(ims, idx)])
+            else:
+                x = torch.stack([tf(im) for im in ims])
             yield x, torch.as_tensor(labels[idx], dtype=torch.long)
         if rng is None:
             return
+        epoch += 1
 
 
 def evaluate(model, task, split: str, indices: np.ndarray, img_size: int, batch: int, rank: int, world: int) -> float:
@@ -86,7 +93,7 @@ def train_one(model, task, indices: np.ndarray, f: Any, lr: float, steps: int, r
     per_rank = max(1, f.batch_size // world)
     rng = np.random.default_rng([seed, rank])
     batches = _batches(task, "train", indices[rank::world], ImageTransform(img_size=f.img_size, train=True),
-                       per_rank, rng)
+                       per_rank, rng, seed)
     curve = []
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
