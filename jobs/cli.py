@@ -155,6 +155,67 @@ def runs(store: str = typer.Option("runs", help="Store root.")) -> None:
     console.print(table)
 
 
+@app.command()
+def ingest(
+    source: str = typer.Argument(..., help="Image folder (<class>/* or <split>/<class>/*), tar/WebDataset, or list file."),
+    dest: str = typer.Argument(..., help="Output folder for shards + manifest.json (any fsspec URL)."),
+    split: Optional[str] = typer.Option(None, help="Sub-folder of an image folder to ingest (e.g. train)."),
+    resize_short: Optional[int] = typer.Option(None, help="Shrink images whose short side exceeds this."),
+    keep_original: bool = typer.Option(False, help="With --resize-short, also keep the source bytes."),
+    quality: int = typer.Option(95, help="JPEG quality for re-encoded images."),
+    shard_samples: Optional[int] = typer.Option(5000, help="Samples per shard (0: no limit)."),
+    shard_mb: Optional[float] = typer.Option(None, help="Target shard size in MB."),
+    max_bad_fraction: float = typer.Option(0.01, help="Stop when more than this fraction of items is bad."),
+    workers: int = typer.Option(2, help="Local processes writing shards."),
+    use_ray: bool = typer.Option(False, "--ray", help="Fan out as Ray tasks (RAY_ADDRESS or a local head)."),
+) -> None:
+    """Ingest images into WebDataset shards + manifest.  Example: vitpipe ingest ../shared/data/cifar10 runs/c10 --split train"""
+    _setup_logging(True)
+    from vitpipe.pipeline import IngestConfig, IngestError
+    from vitpipe.pipeline import ingest as local_ingest
+
+    try:
+        cfg = IngestConfig(split=split, resize_short=resize_short, keep_original=keep_original, quality=quality,
+                           shard_max_samples=shard_samples or None,
+                           shard_max_bytes=int(shard_mb * 2**20) if shard_mb else None,
+                           max_bad_fraction=max_bad_fraction, num_workers=workers)
+        if use_ray:
+            from vitpipe.jobs.data_ops import ray_ingest
+
+            manifest = ray_ingest(source, dest, cfg)
+        else:
+            manifest = local_ingest(source, dest, cfg, progress=True)
+    except (ValueError, FileNotFoundError, IngestError) as e:
+        _fail(str(e))
+        return
+    console.print(f"{manifest.num_samples} samples in {len(manifest.shards)} shards, {len(manifest.classes)} classes, "
+                  f"bad: {dict(manifest.bad) or 'none'} -> {dest}/manifest.json", soft_wrap=True)
+
+
+@app.command()
+def dedup(
+    manifest: str = typer.Argument(..., help="Pretraining manifest.json URL."),
+    tasks: list[str] = typer.Argument(..., help="Downstream tasks: name=<folder with train/test> or digits."),
+    out: str = typer.Option(..., help="Where to write the report / exclusion list (JSON)."),
+    max_distance: int = typer.Option(4, help="Max Hamming distance of 64-bit perceptual hashes."),
+) -> None:
+    """Find pretraining images that near-duplicate downstream test images; write an exclusion list for
+    pretrain.stream.exclude.  Example: vitpipe dedup runs/c10/manifest.json cifar10=../shared/data/cifar10 --out dd.json"""
+    _setup_logging(True)
+    from vitpipe.jobs.tasks import make_task
+    from vitpipe.pipeline.dedup import dedup as find_dups
+
+    try:
+        report = find_dups(manifest, [make_task(t) for t in tasks], max_distance=max_distance)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    report.save(out)
+    console.print(f"{report.num_excluded} of {report.num_pretrain} pretraining samples near-duplicate "
+                  f"{len(report.matches)} test pairs; exclusion list -> {out} "
+                  f"(use: --set pretrain.stream.exclude={out})", soft_wrap=True)
+
+
 def _register_extensions() -> None:
     """Cluster verbs (submit/status/logs/stop/jobs/plan) live in their own module."""
     try:

@@ -11,7 +11,7 @@ from vitpipe.jobs.train.config import FinetuneConfig, PretrainConfig
 from vitpipe.models import ViTConfig
 from vitpipe.pipeline import IngestConfig
 
-ALL_STAGES = ("ingest", "pretrain", "fewshot", "finetune", "analysis", "report")
+ALL_STAGES = ("ingest", "dedup", "pretrain", "fewshot", "finetune", "analysis", "report")
 
 
 @dataclass(kw_only=True)
@@ -20,6 +20,10 @@ class DataConfig:
 
     root: str = "../shared/data/cifar10"
     """Image folder `<root>/<split>/<class>/*.jpg` (any fsspec URL), a tar/WebDataset source, or a list file."""
+    dedup_tasks: tuple[str, ...] = ("cifar10=../shared/data/cifar10",)
+    """Downstream tasks whose test images are removed from pretraining when near-duplicated (stage `dedup`)."""
+    dedup_max_distance: int = 4
+    """Max Hamming distance between 64-bit perceptual hashes counted as a near-duplicate."""
 
 
 @dataclass(kw_only=True)
@@ -77,7 +81,8 @@ def resolve_paths(cfg: PipelineConfig, base: str | None = None) -> PipelineConfi
         return f"{name}={absolute(where)}" if sep else spec
 
     return replace(
-        cfg, store=absolute(cfg.store), data=replace(cfg.data, root=absolute(cfg.data.root)),
+        cfg, store=absolute(cfg.store),
+        data=replace(cfg.data, root=absolute(cfg.data.root), dedup_tasks=tuple(task(t) for t in cfg.data.dedup_tasks)),
         fewshot=replace(cfg.fewshot, tasks=tuple(task(t) for t in cfg.fewshot.tasks)),
         finetune=replace(cfg.finetune, task=task(cfg.finetune.task)),
     )

@@ -53,6 +53,7 @@ def tiny() -> PipelineConfig:
     cfg = demo()
     return replace(
         cfg, name="tiny",
+        data=replace(cfg.data, dedup_tasks=("digits",)),
         ingest=replace(cfg.ingest, limit_per_class=30, shard_max_samples=64),
         model=ViTConfig.from_name("mu/4", img_size=32, num_classes=10),
         pretrain=replace(cfg.pretrain, steps=6, global_batch=32, micro_batch=16, warmup_steps=2, checkpoint_every=3,
@@ -73,7 +74,8 @@ def _jft(variant: str, lr: float, epochs: int) -> PipelineConfig:
     return PipelineConfig(
         name=f"jft-{variant.replace('/', '')}",
         store=os.environ.get("VITPIPE_STORE", "s3://vitpipe-runs"),
-        data=replace(PipelineConfig().data, root="s3://vitpipe-data/jft300m-list.tsv"),
+        data=replace(PipelineConfig().data, root="s3://vitpipe-data/jft300m-list.tsv",
+                     dedup_tasks=("imagenet=s3://vitpipe-data/imagenet", "cifar10=s3://vitpipe-data/cifar10")),
         ingest=IngestConfig(split=None, shard_max_bytes=1 << 30, shard_max_samples=None, resize_short=256,
                             num_workers=16, multi_label=True),
         model=model,

@@ -33,7 +33,7 @@ class PretrainStage:
     version = "3"
 
     def inputs(self, cfg: Any) -> list[str]:
-        return ["ingest"]
+        return ["ingest", "dedup"] if "dedup" in cfg.stages else ["ingest"]
 
     def config(self, cfg: Any) -> dict:
         p = {k: v for k, v in to_dict(cfg.pretrain).items() if k not in _NOT_IN_KEY}
@@ -47,7 +47,10 @@ class PretrainStage:
         manifest_url = ctx.inputs["ingest"].path("manifest")
         manifest = Manifest.load(manifest_url)
         mcfg = replace(cfg.model, num_classes=manifest.num_classes)
-        spec = {"model": mcfg.to_dict(), "pretrain": to_dict(p), "manifest_url": manifest_url,
+        pdict = to_dict(p)
+        if "dedup" in ctx.inputs:  # near-duplicates of evaluation images never reach pretraining
+            pdict["stream"]["exclude"] = ctx.inputs["dedup"].path("exclude")
+        spec = {"model": mcfg.to_dict(), "pretrain": pdict, "manifest_url": manifest_url,
                 "out_url": ctx.url, "tracking_uri": getattr(ctx.tracker, "uri", None),
                 "mlflow_run_id": ctx.tracker.run_id,
                 # test hooks (fault injection, sample-key recording); never set by configs
