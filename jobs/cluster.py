@@ -228,7 +228,8 @@ def submit(cfg: Any, opts: SubmitOptions, *, run_id: str | None = None, client: 
     store = Store(cfg.store).root
     metadata = {"vitpipe.run_id": run_id, "vitpipe.recipe": cfg.name, "vitpipe.store": redact("store", store),
                 "vitpipe.tracking_uri": redact("uri", tracking_uri or ""),
-                "vitpipe.request": json.dumps(resource_request(cfg), sort_keys=True)}
+                "vitpipe.request": json.dumps(resource_request(cfg), sort_keys=True),
+                "vitpipe.entrypoint": json.dumps({"CPU": opts.entrypoint_num_cpus, "GPU": opts.entrypoint_num_gpus})}
     entrypoint = entrypoint_for(opts)
     with tempfile.TemporaryDirectory(prefix="vitpipe-submit-") as tmp:
         stage_code(project_root(), tmp)
@@ -480,8 +481,8 @@ def diagnose(address: str, info: Any, pending_timeout_s: float) -> str:
     if status != "PENDING" or now - started < pending_timeout_s:
         return ""
     have = cluster_resources(address)
-    want = {"CPU": info.entrypoint_num_cpus or 0, "GPU": info.entrypoint_num_gpus or 0,
-            **(info.entrypoint_resources or {})}
+    # JobDetails does not carry the entrypoint request: `submit` records it in the job's metadata.
+    want = json.loads((info.metadata or {}).get("vitpipe.entrypoint", "{}") or "{}")
     want = {k: v for k, v in want.items() if v}
     short = {k: v for k, v in want.items() if have.get(k, 0.0) < v}
     if short:
