@@ -31,9 +31,11 @@ def state_bytes(engine) -> dict[str, int]:
         params += _bytes(p.ds_tensor) if hasattr(p, "ds_tensor") else _bytes(p)
     opt = engine.optimizer
     master = 0
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition", "fp32_groups_flat"):
+    # where each DeepSpeed optimizer wrapper keeps its fp32 master weights (ZeRO-1/2, ZeRO-3, bf16, bf16 ZeRO-0)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
+                 "fp32_groups"):
         for t in getattr(opt, name, None) or []:
-            master += _bytes(t)
+            master += sum(_bytes(x) for x in t) if isinstance(t, (list, tuple)) else _bytes(t)
     inner = getattr(opt, "optimizer", opt)
     moments = sum(_bytes(v) for st in inner.state.values() for v in st.values())
     return {"params": params, "master": master, "moments": moments, "total": params + master + moments}
