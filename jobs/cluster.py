@@ -385,9 +385,14 @@ def follow_logs(client: Any, job_id: str) -> Iterator[str]:
 def stop(client: Any, job_id: str, timeout_s: float = 60.0) -> JobReport:
     """Stop a job, wait for it to end, and make sure its run record and MLflow runs are not left RUNNING."""
     info = job_info(client, job_id)
-    if str(info.status) not in TERMINAL and getattr(info.status, "value", "") not in TERMINAL:
+    status = str(getattr(info.status, "value", info.status))
+    if status not in TERMINAL:
         client.stop_job(job_id)
-    rep = wait(client, job_id, timeout_s=timeout_s, poll_s=1.0)
+    # A job whose driver was never placed cannot run Ray's stop (it goes through the unplaced supervisor).
+    rep = wait(client, job_id, timeout_s=min(timeout_s, 15.0) if status == "PENDING" else timeout_s, poll_s=1.0)
+    if rep.ray_status == "PENDING":
+        rep.reason = ("Ray cannot stop a job whose driver was never placed; it fails by itself after the head's "
+                      "RAY_JOB_START_TIMEOUT_SECONDS (default 900 s), or starts once the resources exist")
     reconcile_stopped(rep)
     return rep
 

@@ -32,16 +32,17 @@ def get_recipe(name: str) -> PipelineConfig:
 @recipe
 def demo() -> PipelineConfig:
     """CIFAR-10 on 2 CPU cores in under 10 minutes: a 6-block width-192 ViT, patch 4, 32 px, ~4 min pretraining
-    over 2 Ray Train workers with DeepSpeed ZeRO-2, then few-shot (CIFAR-10 + digits), 48 px fine-tune, figures."""
+    over 2 Ray Train workers with DeepSpeed ZeRO-2, then few-shot (CIFAR-10 + digits), 40 px fine-tune, figures."""
     return PipelineConfig(
         name="demo",
         ingest=IngestConfig(split="train", shard_max_samples=2500, num_workers=2),
         model=ViTConfig.from_name("Ti/4", img_size=32, num_classes=10, depth=6),
-        pretrain=PretrainConfig(steps=260, global_batch=128, micro_batch=64, lr=1e-3, warmup_steps=20,
+        pretrain=PretrainConfig(steps=260, global_batch=128, micro_batch=64, lr=8e-4, warmup_steps=20,
                                 weight_decay=0.1, zero_stage=2, num_workers=2, checkpoint_every=100, log_every=10,
                                 stream=StreamConfig(img_size=32, rrc_scale=(0.35, 1.0), shuffle_buffer=2000)),
         fewshot=FewshotStageConfig(probe=FewshotConfig(shots=(1, 5, 10, 25), seeds=(0, 1, 2), l2_reg=1024.0)),
-        finetune=FinetuneConfig(img_size=48, steps=120, batch_size=128, lr_grid=(0.01,), warmup_steps=10,
+        # 40 px (10x10 patches, position embeddings interpolated from 8x8); short, to keep the demo under 10 min
+        finetune=FinetuneConfig(img_size=40, steps=60, batch_size=128, lr_grid=(0.01,), warmup_steps=6,
                                 test_limit=None),
         analysis=AnalysisConfig(num_images=64),
     )
