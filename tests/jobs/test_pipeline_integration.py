@@ -76,12 +76,19 @@ def test_tiny_pipeline_runs_caches_and_reruns_one_stage(tmp_path, cifar10_root, 
     assert kids2["pretrain"].data.tags["cached"] == "true"
     assert kids2["pretrain"].data.tags["produced_by"] == kids["pretrain"].info.run_id
 
-    # A fine-tune override reruns only fine-tune and what reads it.
-    cfg3 = _cfg(tmp_path, cifar10_root, "finetune.lr_grid=0.02")
+    # A fine-tune override reruns only fine-tune and what reads it; an LR grid is searched on a held-out slice of
+    # train, each grid point a nested MLflow run under the fine-tune stage's run.
+    cfg3 = _cfg(tmp_path, cifar10_root, "finetune.lr_grid=0.003,0.03", "finetune.grid_steps=2")
     third = run_pipeline(cfg3, stages_for(cfg3), tracking_uri=mlflow_uri, progress=False)
     ran = {s for s, v in third.statuses.items() if v == "ran"}
     assert ran == {"finetune", "analysis", "report"}
     assert third.results["pretrain"].key == first.results["pretrain"].key
+    ft = third.results["finetune"].metrics
+    assert ft["lr"] in (0.003, 0.03) and {"holdout_acc/lr=0.003", "holdout_acc/lr=0.03"} <= set(ft)
+    ft_run = _children(client, third.mlflow_run_id)["finetune"].info.run_id
+    grid = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{ft_run}'")
+    assert sorted(r.data.params["lr"] for r in grid) == ["0.003", "0.03"]
+    assert all("holdout_acc" in r.data.metrics for r in grid)
 
 
 def test_cli_user_errors_are_one_line(tmp_path):
