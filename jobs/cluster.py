@@ -452,12 +452,21 @@ def _without_credentials(uri: str) -> str:
 
 
 def _experiment_of(uri: str, run_id: str) -> str | None:
+    """The run's experiment id, asked once and briefly: MLflow's default is 7 retries with backoff (minutes)."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
     try:
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
     except Exception:  # noqa: BLE001 - a link without the experiment is still useful when the server is away
         return None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # --------------------------------------------------------------------------------------------------- diagnosis

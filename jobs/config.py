@@ -85,4 +85,5 @@ def resolve_paths(cfg: PipelineConfig, base: str | None = None) -> PipelineConfi
         data=replace(cfg.data, root=absolute(cfg.data.root), dedup_tasks=tuple(task(t) for t in cfg.data.dedup_tasks)),
         fewshot=replace(cfg.fewshot, tasks=tuple(task(t) for t in cfg.fewshot.tasks)),
         finetune=replace(cfg.finetune, task=task(cfg.finetune.task)),
+        analysis=replace(cfg.analysis, task=task(cfg.analysis.task)),
     )

@@ -16,7 +16,7 @@ from rich.table import Table
 from vitpipe.jobs.configtools import to_dict
 from vitpipe.jobs.graph import PlanItem, StageContext, plan
 from vitpipe.jobs.store import StageResult, Store, remove
-from vitpipe.jobs.tracking import MlflowTracker, NullTracker, default_tracking_uri, flatten
+from vitpipe.jobs.tracking import MlflowTracker, NullTracker, default_tracking_uri, flatten, redact, redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def make_tracker(cfg: Any, run_id: str, tracking_uri: str | None, store: Store):
     if not cfg.tracking.enabled:
         return NullTracker()
     uri = tracking_uri or cfg.tracking.uri or default_tracking_uri(store.root)
-    artifacts = cfg.tracking.artifact_location or (store.root + "/mlartifacts")
+    # a tracking server stores artifacts itself; only a local sqlite store gets an artifact root next to the store
+    artifacts = cfg.tracking.artifact_location or (store.root + "/mlartifacts" if uri.startswith("sqlite:") else None)
     return MlflowTracker.start(uri, cfg.tracking.experiment, run_name=f"{cfg.name}-{run_id}",
                                tags={"vitpipe.run_id": run_id, "vitpipe.recipe": cfg.name},
                                artifact_location=artifacts)
@@ -70,7 +71,9 @@ def run_pipeline(cfg: Any, stages: list, *, force: tuple[str, ...] = (), dry_run
 
     run_id = run_id or new_run_id()
     tracker = parent_tracker or make_tracker(cfg, run_id, tracking_uri, store)
-    record = {"run_id": run_id, "recipe": cfg.name, "config": to_dict(cfg), "status": "RUNNING",
+    # secrets never reach the store: credentials come from the environment, not from configs
+    record = {"run_id": run_id, "recipe": cfg.name, "config": redact_tree(to_dict(cfg)), "status": "RUNNING",
+              "tracking_uri": redact("uri", getattr(tracker, "uri", None)),
               "started": _dt.datetime.now().isoformat(timespec="seconds"), "mlflow_run_id": tracker.run_id,
               "stages": {it.stage.name: {"key": it.key, "status": it.status} for it in items}}
     store.save_run(run_id, record)

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 # Keys whose values must never reach a tracking server or a printed config.
-_SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private_key)", re.I)
+_SECRET = re.compile(r"(secret|password|passwd|credential|access_key|api_key|private_key|"
+                     r"(^|\.)((auth|access|api|bearer|session|refresh)_)?token$)", re.I)
 _URL_CREDS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
 REDACTED = "***"
 

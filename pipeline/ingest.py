@@ -186,7 +186,8 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None, progress: bo
                 bar.update(len(t[0]))
             _abort_if_hopeless(plan, results, cfg)
     else:
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        # forkserver, not fork: a driver that already runs Ray / MLflow threads can deadlock in a forked child
+        ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
         counter = ctx.Value("q", 0)
         with ctx.Pool(min(cfg.num_workers, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool:
             pending = {i: pool.apply_async(_write_task, (t,)) for i, t in enumerate(tasks)}

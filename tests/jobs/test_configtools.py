@@ -74,3 +74,14 @@ def test_pipeline_config_overrides_reach_component_configs():
         get_recipe("nope")
     with pytest.raises(ConfigError, match="pretrain.zero_stage"):
         apply_overrides(get_recipe("demo"), ["pretrain.zero_stage=5"])
+
+
+def test_secrets_are_redacted_but_not_lookalikes():
+    from vitpipe.jobs.tracking import flatten, redact_tree
+
+    flat = flatten({"model": {"class_token": True}, "s3": {"secret_key": "abc", "auth_token": "t"},
+                    "tracking": {"uri": "postgresql://user:hunter2@db/mlflow"}})
+    assert flat["model.class_token"] is True
+    assert flat["s3.secret_key"] == "***" and flat["s3.auth_token"] == "***"
+    assert flat["tracking.uri"] == "postgresql://user:***@db/mlflow"
+    assert "hunter2" not in str(redact_tree({"a": ["http://u:hunter2@x"]}))
