@@ -78,6 +78,8 @@ def resolve_paths(cfg: PipelineConfig, base: str | None = None) -> PipelineConfi
 
     def task(spec: str) -> str:
         name, sep, where = spec.partition("=")
+        if where.startswith("shards:"):
+            return f"{name}=shards:" + ",".join(absolute(u) for u in where.removeprefix("shards:").split(","))
         return f"{name}={absolute(where)}" if sep else spec
 
     return replace(

@@ -35,7 +35,7 @@ class ViTClassifier(_Base):
         self.model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
         self.classes = meta.get("classes")
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # untyped: MLflow would read hints as a schema
         import torch
 
         x = np.asarray(model_input)

@@ -1,4 +1,5 @@
-"""Downstream tasks named in configs: ``name=<image folder with train/test>``, ``digits``, ``name=shards:<url>``."""
+"""Downstream tasks named in configs: ``name=<image folder with train/test>``, ``digits``, or an ingested shard
+set ``name=shards:<train manifest URL>,<test manifest URL>``."""
 
 from __future__ import annotations
 
@@ -16,9 +17,14 @@ def parse_task(spec: str) -> tuple[str, str | None]:
 
 def make_task(spec: str) -> Any:
     """Build the pipeline task object for ``spec`` (a clear one-line error for a missing folder)."""
-    from vitpipe.pipeline import DigitsTask, ImageFolderTask
+    from vitpipe.pipeline import DigitsTask, ImageFolderTask, ShardSetTask
 
     name, where = parse_task(spec)
+    if where is not None and where.startswith("shards:"):
+        train, sep, test = where.removeprefix("shards:").partition(",")
+        if not sep:
+            raise ValueError(f"task '{spec}': expected {name}=shards:<train manifest>,<test manifest>")
+        return ShardSetTask(train, test, name=name)
     if where is None:
         if name == "digits":
             return DigitsTask()

@@ -8,11 +8,11 @@ from .manifest import Manifest, ShardInfo, load_exclusions
 from .shardwriter import ShardResult, write_shard
 from .sources import SourceItem, list_source
 from .stream import ShardStream
-from .tasks import DigitsTask, ImageFolderTask, Task
+from .tasks import DigitsTask, ImageFolderTask, ShardSetTask, Task
 from .transforms import ImageTransform
 
 __all__ = [
     "DedupReport", "DigitsTask", "dedup", "phash", "ImageFolderTask", "ImageTransform", "IngestConfig", "IngestError", "IngestPlan", "Manifest",
-    "ShardInfo", "ShardResult", "ShardStream", "SourceItem", "StreamConfig", "Task", "finalize", "ingest",
+    "ShardInfo", "ShardResult", "ShardSetTask", "ShardStream", "SourceItem", "StreamConfig", "Task", "finalize", "ingest",
     "list_source", "load_exclusions", "plan_ingest", "plan_shards", "write_shard",
 ]

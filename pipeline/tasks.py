@@ -166,3 +166,56 @@ class DigitsTask(_TaskBase):
     def _raw(self, split: str, i: int) -> Image.Image:
         img = Image.fromarray(self._images[split][i], mode="L").resize((self.size, self.size), Image.BICUBIC)
         return img.convert("RGB")
+
+
+class ShardSetTask(_TaskBase):
+    """Train/test splits that were ingested as shard sets (two manifests), read by random access into the tars.
+
+    Opening indexes each tar's members once (header scan, no image decoding); `load` then reads only the asked-for
+    images with one ranged read each. Single-label shard sets only (few-shot probes need one class per image).
+    """
+
+    def __init__(self, train_manifest: str, test_manifest: str, name: str = "shards",
+                 storage_options: dict | None = None):
+        import tarfile
+
+        from .manifest import Manifest
+
+        self.name, self.storage_options = name, storage_options
+        mans = {"train": Manifest.load(train_manifest, storage_options),
+                "test": Manifest.load(test_manifest, storage_options)}
+        if mans["train"].multi_label or mans["test"].multi_label:
+            raise ValueError(f"{name}: few-shot / fine-tune tasks need single-label shard sets")
+        self.classes = list(mans["train"].classes)
+        index = {c: i for i, c in enumerate(self.classes)}
+        self._where: dict[str, list[tuple[str, int, int]]] = {}
+        labels: dict[str, list[int]] = {}
+        for split, man in mans.items():
+            rows, labs = [], []
+            for shard in man.shards:
+                url = man.url(shard)
+                fs, path = url_to_fs(url, storage_options)
+                with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+                    members, cls = {}, {}
+                    for m in tf:  # streaming scan: headers only; .cls payloads are tiny
+                        key, _, ext = m.name.partition(".")
+                        if ext in ("jpg", "jpeg", "png", "webp"):
+                            members[key] = (m.offset_data, m.size)
+                        elif ext == "cls":
+                            cls[key] = int(tf.extractfile(m).read())
+                for key, (off, size) in members.items():
+                    name_ = man.classes[cls[key]]
+                    if name_ not in index:
+                        raise ValueError(f"{self.name}: {split} class '{name_}' missing from the train split")
+                    rows.append((url, off, size))
+                    labs.append(index[name_])
+            self._where[split], labels[split] = rows, labs
+        self.train_labels = np.array(labels["train"], dtype=np.int64)
+        self.test_labels = np.array(labels["test"], dtype=np.int64)
+
+    def _raw(self, split: str, i: int) -> bytes:
+        url, off, size = self._where[split][i]
+        fs, path = url_to_fs(url, self.storage_options)
+        with fs.open(path, "rb") as f:
+            f.seek(off)
+            return f.read(size)
