@@ -165,7 +165,7 @@ def finetune_worker(spec: dict) -> None:
     model = build_finetune_model(sd, meta["config"], f.img_size, len(task.classes))
     model, curve = train_one(model, task, train_idx, f, best_lr, f.steps, rank, world, tracker, f.seed)
     acc = evaluate(model, task, "test", test_idx, f.img_size, f.eval_batch_size, rank, world)
-    metrics = {"test_acc": acc, "lr": best_lr, **{f"holdout_acc/lr={k:g}": v for k, v in grid.items()}}
+    metrics = {"test_acc": acc, "lr": best_lr, **{f"holdout_acc/lr_{k:g}": v for k, v in grid.items()}}
     if rank == 0:
         if tracker:
             tracker.metrics({"test_acc": acc, "chosen_lr": best_lr})

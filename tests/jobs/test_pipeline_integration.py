@@ -84,7 +84,7 @@ def test_tiny_pipeline_runs_caches_and_reruns_one_stage(tmp_path, cifar10_root, 
     assert ran == {"finetune", "analysis", "report"}
     assert third.results["pretrain"].key == first.results["pretrain"].key
     ft = third.results["finetune"].metrics
-    assert ft["lr"] in (0.003, 0.03) and {"holdout_acc/lr=0.003", "holdout_acc/lr=0.03"} <= set(ft)
+    assert ft["lr"] in (0.003, 0.03) and {"holdout_acc/lr_0.003", "holdout_acc/lr_0.03"} <= set(ft)
     ft_run = _children(client, third.mlflow_run_id)["finetune"].info.run_id
     grid = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{ft_run}'")
     assert sorted(r.data.params["lr"] for r in grid) == ["0.003", "0.03"]

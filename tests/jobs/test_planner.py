@@ -81,7 +81,9 @@ def test_fit_decisions_and_finetune_grid():
 def test_bad_mfu_and_unplannable_finetune_are_reported():
     with pytest.raises(ValueError, match="mfu"):
         plan_compute(get_recipe("tiny"), parse_gpus("1xH100"), mfu=1.5)
-    est = plan_compute(get_recipe("jft-h14"), parse_gpus("8xH100"))  # 384 px is not a multiple of patch 14
+    bad = apply_overrides(get_recipe("jft-h14"), ["finetune.img_size=384"])  # 384 px is not a multiple of 14
+    assert plan_compute(get_recipe("jft-h14"), parse_gpus("8xH100")).problems == []  # the recipe itself uses 392
+    est = plan_compute(bad, parse_gpus("8xH100"))
     assert [s.stage for s in est.stages] == ["pretrain"]
     assert "not a multiple of patch_size=14" in est.problems[0]
 
