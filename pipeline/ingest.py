@@ -186,8 +186,9 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None, progress: bo
                 bar.update(len(t[0]))
             _abort_if_hopeless(plan, results, cfg)
     else:
-        # forkserver, not fork: a driver that already runs Ray / MLflow threads can deadlock in a forked child
-        ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
+        # spawn, not fork: a driver that already runs Ray / MLflow threads can deadlock in a forked child; and not
+        # forkserver, whose server keeps the environment of its first use (credentials set later would be missing)
+        ctx = mp.get_context("spawn")
         counter = ctx.Value("q", 0)
         with ctx.Pool(min(cfg.num_workers, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool:
             pending = {i: pool.apply_async(_write_task, (t,)) for i, t in enumerate(tasks)}
