@@ -75,6 +75,8 @@ def pretrain_worker(spec: dict) -> None:
         stream.load_state_dict(client["stream"])
         torch.set_rng_state(client["rng_cpu"])
         log.info("rank %d resumed at step %d", rank, state["step"])
+        if (spec.get("debug") or {}).get("record_keys") and rank == 0:
+            _record_keys(spec["out_url"], "resume", state["step"], [])
 
     fl = flops(mcfg)
     if rank == 0:
@@ -165,7 +167,7 @@ def _batch_iter(stream: ShardStream):
                                "world size x micro_batch?)")
 
 
-def _record_keys(out_url: str, rank: int, step: int, keys: list[str]) -> None:
+def _record_keys(out_url: str, rank: int | str, step: int, keys: list[str]) -> None:
     import json
 
     import fsspec
