@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import RidgeClassifier
 
-from vitpipe.jobs.evals.features import make_embed_fn, represent
+from vitpipe.jobs.evals.features import make_embed_fn
 from vitpipe.jobs.evals.fewshot import FeatureCache, FewshotConfig, fewshot_eval
 from vitpipe.jobs.evals.ridge import RidgeProbe
 from vitpipe.models import create
@@ -122,7 +122,7 @@ def bench_embed(task, n: int) -> None:
         print(f"  Ti/4@32 pre-logits, {n} CIFAR-10 JPEGs, batch {bs}, {k:32s}: {n / t:7.1f} img/s ({base / t:4.2f}x)")
 
 
-def bench_cache(task: Folder, test_n: int) -> None:
+def bench_cache(task, test_n: int) -> None:
     torch.manual_seed(0)
     model = create("Ti/4", img_size=32, num_classes=0)
     embed = make_embed_fn(model, task, img_size=32, batch_size=128)

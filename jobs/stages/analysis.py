@@ -48,8 +48,7 @@ class AnalysisStage:
         a: AnalysisConfig = cfg.analysis
         model, mcfg = load_model(ctx.inputs["pretrain"].url)
         task = make_task(a.task)
-        side = mcfg.img_size if isinstance(mcfg.img_size, int) else mcfg.img_size[0]
-        tf = ImageTransform(img_size=side, train=False)
+        tf = ImageTransform(img_size=mcfg.img_hw[0], train=False)
         idx = np.linspace(0, len(task.test_labels) - 1, a.num_images).astype(int)
         images = torch.stack([tf(im) for im in task.load("test", idx)])
         metrics: dict[str, float] = {}

@@ -63,7 +63,7 @@ class FewshotStage:
         if fc.random_init_baseline:
             torch.manual_seed(cfg.pretrain.seed)
             models["random_init"] = (create(mcfg).eval(), f"random-{ctx.inputs['pretrain'].key}-s{cfg.pretrain.seed}")
-        size = fc.img_size or _side(mcfg.img_size)
+        size = fc.img_size or mcfg.img_hw[0]
         # Shared across runs (not under this stage's key): a rerun with other shots reuses the features.
         cache = FeatureCache(join(ctx.store.root, "cache", "features"))
         metrics: dict[str, float] = {}
@@ -91,7 +91,3 @@ def _counted(embed, bar):
         bar.update(len(indices))
         return out
     return fn
-
-
-def _side(img_size: int | tuple[int, int]) -> int:
-    return img_size if isinstance(img_size, int) else int(img_size[0])
