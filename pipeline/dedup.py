@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import multiprocessing as mp
-import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,8 +45,90 @@ def hash_images(images) -> np.ndarray:
     return np.array([phash(im) for im in images], dtype=np.uint64)
 
 
-def _hash_shard(args) -> tuple[list[str], np.ndarray, int]:
-    url, storage_options = args
+class BandIndex:
+    """Multi-index hashing over a (small) set of hashes: exact Hamming search within `max_distance` bits.
+
+    The 64 bits are cut into `max_distance + 1` disjoint bands; by pigeonhole, two hashes within `max_distance`
+    bits agree exactly on at least one band. Each band's values are sorted once, a lookup is a `searchsorted` per
+    band, and only those candidates get a popcount. The index is built over the downstream test images (thousands)
+    and the pretraining hashes (hundreds of millions at JFT scale) stream through it shard by shard, so work is
+    ~linear in the pretraining set instead of |test| x |pretrain| popcounts, and nothing of it stays in memory.
+    """
+
+    def __init__(self, hashes: np.ndarray, max_distance: int):
+        if not 0 <= max_distance <= 64:
+            raise ValueError(f"dedup max_distance must be in [0, 64] bits, got {max_distance}")
+        self.hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+        self.max_distance = max_distance
+        nb = max_distance + 1
+        # beyond ~16 bands a band has < 4 bits and every hash is a candidate: brute force is then cheaper
+        self.bounds = [(64 * b // nb, 64 * (b + 1) // nb) for b in range(nb)] if nb <= 16 else []
+        self.bands = []
+        for lo, hi in self.bounds:
+            v = self._band(self.hashes, lo, hi)
+            order = np.argsort(v, kind="stable")
+            self.bands.append((v[order], order))
+
+    @staticmethod
+    def _band(h: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        return (h >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+
+    def search(self, ref: np.ndarray, chunk: int = 2048):
+        """(index into the indexed hashes, index into `ref`, distance) of every pair within `max_distance`."""
+        ref = np.asarray(ref, dtype=np.uint64)
+        if not self.bounds:
+            return _brute_pairs(self.hashes, ref, self.max_distance, chunk)
+        qs, rs = [], []
+        for (lo, hi), (sv, order) in zip(self.bounds, self.bands):
+            v = self._band(ref, lo, hi)
+            a, b = np.searchsorted(sv, v, "left"), np.searchsorted(sv, v, "right")
+            n = b - a
+            if not n.any():
+                continue
+            r = np.repeat(np.arange(len(ref)), n)
+            # positions a[r] .. b[r]-1 in the sorted band, flattened
+            pos = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + np.repeat(a, n)
+            qs.append(order[pos])
+            rs.append(r)
+        if not qs:
+            return _empty_pairs()
+        q, r = np.concatenate(qs), np.concatenate(rs)
+        d = np.bitwise_count(self.hashes[q] ^ ref[r])
+        keep = d <= self.max_distance
+        q, r, d = q[keep], r[keep], d[keep]
+        # a pair agreeing on several bands was found several times
+        uniq = np.unique(r.astype(np.int64) * len(self.hashes) + q, return_index=True)[1]
+        return q[uniq].astype(np.int64), r[uniq].astype(np.int64), d[uniq].astype(np.uint8)
+
+
+def _empty_pairs():
+    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
+
+
+def _brute_pairs(query: np.ndarray, ref: np.ndarray, max_distance: int, chunk: int):
+    qi, ri, dist = [], [], []
+    for s in range(0, len(query), chunk):
+        d = np.bitwise_count(query[s : s + chunk, None] ^ ref[None, :])
+        a, b = np.nonzero(d <= max_distance)
+        qi.append(a + s)
+        ri.append(b)
+        dist.append(d[a, b])
+    if not qi:
+        return _empty_pairs()
+    return np.concatenate(qi), np.concatenate(ri), np.concatenate(dist).astype(np.uint8)
+
+
+def near_pairs(query: np.ndarray, ref: np.ndarray, max_distance: int, chunk: int = 2048):
+    """(query index, ref index, Hamming distance) of all pairs within `max_distance` (exact; a band index over
+    `query`, see `BandIndex`)."""
+    qi, ri, d = BandIndex(query, max_distance).search(ref, chunk)
+    order = np.lexsort((ri, qi))
+    return qi[order], ri[order], d[order]
+
+
+def _match_shard(args) -> tuple[int, list[tuple[int, str, int]], int]:
+    """Hash one pretraining shard and match it against the index: (samples hashed, [(test idx, key, dist)], bad)."""
+    url, storage_options, index = args
     fs, path = url_to_fs(url, storage_options, fresh=True)
     samples, _ = parse_shard(fs.cat_file(path), set())
     keys, hashes, bad = [], [], 0
@@ -56,37 +138,21 @@ def _hash_shard(args) -> tuple[list[str], np.ndarray, int]:
             keys.append(key)
         except (OSError, ValueError, SyntaxError):
             bad += 1
-    return keys, np.array(hashes, dtype=np.uint64), bad
+    qi, ri, d = index.search(np.array(hashes, dtype=np.uint64))
+    return len(keys), [(q, keys[r], dd) for q, r, dd in zip(qi.tolist(), ri.tolist(), d.tolist())], bad
 
 
-def hash_manifest(manifest: Manifest, num_workers: int = 2, storage_options: dict | None = None):
-    """(shard index per sample, keys, hashes) of every sample in the manifest's shards (processes in parallel)."""
-    tasks = [(manifest.url(s), storage_options) for s in manifest.shards]
+def match_manifest(manifest: Manifest, index: BandIndex, num_workers: int = 2,
+                   storage_options: dict | None = None):
+    """Per shard, in manifest order: (samples hashed, matches, bad) - shards hashed in parallel processes, each
+    returning only its matches."""
+    tasks = [(manifest.url(s), storage_options, index) for s in manifest.shards]
     if num_workers > 1 and len(tasks) > 1:
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ctx.Pool(min(num_workers, len(tasks))) as pool:
-            results = pool.map(_hash_shard, tasks)
-    else:
-        results = [_hash_shard(t) for t in tasks]
-    shard_idx = np.concatenate([np.full(len(k), i) for i, (k, _, _) in enumerate(results)]).astype(np.int64)
-    keys = [k for ks, _, _ in results for k in ks]
-    hashes = np.concatenate([h for _, h, _ in results]) if results else np.zeros(0, np.uint64)
-    return shard_idx, keys, hashes
-
-
-def near_pairs(query: np.ndarray, ref: np.ndarray, max_distance: int, chunk: int = 2048):
-    """(query index, ref index, Hamming distance) of all pairs within `max_distance`, by chunked XOR + popcount
-    (exact; O(|query| x |ref|) popcounts, ~1e9/s here - a multi-index hash would replace it at JFT scale)."""
-    qi, ri, dist = [], [], []
-    for s in range(0, len(query), chunk):
-        d = np.bitwise_count(query[s : s + chunk, None] ^ ref[None, :])
-        a, b = np.nonzero(d <= max_distance)
-        qi.append(a + s)
-        ri.append(b)
-        dist.append(d[a, b])
-    if not qi:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
-    return np.concatenate(qi), np.concatenate(ri), np.concatenate(dist)
+        # spawn: the dedup stage runs in a driver with Ray / MLflow threads, which a forked child can deadlock on
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(min(num_workers, len(tasks)), mp_context=ctx) as pool:
+            return list(pool.map(_match_shard, tasks, chunksize=max(1, len(tasks) // (8 * num_workers))))
+    return [_match_shard(t) for t in tasks]
 
 
 @dataclass
@@ -127,20 +193,24 @@ def dedup(manifest: Manifest | str, tasks, max_distance: int = 4, split: str = "
         raise ValueError(f"dedup max_distance must be in [0, 64] bits, got {max_distance}")
     man = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest, storage_options)
     tasks = tasks if isinstance(tasks, (list, tuple)) else [tasks]
-    shard_idx, keys, ref = hash_manifest(man, num_workers, storage_options)
-    report = DedupReport(max_distance=max_distance, num_pretrain=len(keys), num_test=0)
-    excluded: dict[str, set[str]] = {}
+    queries, owners = [], []
     for task in tasks:
         n = task.num_test if split == "test" else task.num_train
-        q = np.concatenate([hash_images(task.load(split, np.arange(s, min(n, s + 512))))
-                            for s in range(0, n, 512)]) if n else np.zeros(0, np.uint64)
-        report.num_test += n
-        qi, ri, dist = near_pairs(q, ref, max_distance)
-        for a, b, d in zip(qi.tolist(), ri.tolist(), dist.tolist()):
-            shard = man.shards[shard_idx[b]].name
-            report.matches.append({"task": task.name, "split": split, "index": a, "shard": shard,
-                                   "key": keys[b], "distance": d})
-            excluded.setdefault(shard, set()).add(keys[b])
+        for s in range(0, n, 512):
+            queries.append(hash_images(task.load(split, np.arange(s, min(n, s + 512)))))
+        owners += [(task.name, i) for i in range(n)]
+    index = BandIndex(np.concatenate(queries) if queries else np.zeros(0, np.uint64), max_distance)
+    report = DedupReport(max_distance=max_distance, num_pretrain=0, num_test=len(owners))
+    excluded: dict[str, set[str]] = {}
+    for shard, (n_hashed, matches, _bad) in zip(man.shards, match_manifest(man, index, num_workers,
+                                                                            storage_options)):
+        report.num_pretrain += n_hashed
+        for q, key, d in matches:
+            name, i = owners[q]
+            report.matches.append({"task": name, "split": split, "index": i, "shard": shard.name,
+                                   "key": key, "distance": d})
+            excluded.setdefault(shard.name, set()).add(key)
+    report.matches.sort(key=lambda m: (m["task"], m["index"], m["shard"], m["key"]))
     report.exclude = {k: sorted(v) for k, v in sorted(excluded.items())}
     log.info("dedup: %d pretraining samples near-duplicate %d test images (<= %d bits) -> excluded",
              report.num_excluded, len({(m["task"], m["index"]) for m in report.matches}), max_distance)

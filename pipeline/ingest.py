@@ -15,6 +15,8 @@ import random
 import sys
 import time
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from .config import IngestConfig
@@ -188,19 +190,31 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None, progress: bo
     else:
         # spawn, not fork: a driver that already runs Ray / MLflow threads can deadlock in a forked child; and not
         # forkserver, whose server keeps the environment of its first use (credentials set later would be missing)
+        # ProcessPoolExecutor, not mp.Pool: a worker that dies (OOM killer, a crash at start-up) breaks the pool
+        # with BrokenProcessPool instead of being replaced forever while its task waits.
         ctx = mp.get_context("spawn")
         counter = ctx.Value("q", 0)
-        with ctx.Pool(min(cfg.num_workers, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool:
-            pending = {i: pool.apply_async(_write_task, (t,)) for i, t in enumerate(tasks)}
-            seen = 0
-            while pending:
-                time.sleep(0.1)
-                for i in [i for i, r in pending.items() if r.ready()]:
-                    results[i] = pending.pop(i).get()  # re-raises a worker's internal error with its traceback
-                _abort_if_hopeless(plan, results, cfg)
-                if bar:
-                    bar.update(counter.value - seen)
-                    seen = counter.value
+        workers = min(cfg.num_workers, len(tasks))
+        try:
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
+                pending = {pool.submit(_write_task, t): i for i, t in enumerate(tasks)}
+                seen = 0
+                while pending:
+                    done, _ = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        results[pending.pop(fut)] = fut.result()  # re-raises a worker's error with its traceback
+                    try:
+                        _abort_if_hopeless(plan, results, cfg)
+                    except IngestError:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        raise
+                    if bar:
+                        bar.update(counter.value - seen)
+                        seen = counter.value
+        except BrokenProcessPool as e:
+            raise IngestError(f"ingest of {source}: a worker process died ({e}); finished shards are kept, "
+                              "re-run to resume (workers are spawned: a script calling ingest() needs an "
+                              "`if __name__ == '__main__':` guard)") from e
     if bar:
         bar.close()
     manifest = finalize(plan, dest, results, cfg, storage_options)

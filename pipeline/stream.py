@@ -15,7 +15,7 @@ import torch
 from .config import StreamConfig
 from .manifest import Manifest, load_exclusions
 from .order import Seq, Segment, next_phase, segment_sequence, use_sequence
-from .reader import BatchReader, StartPoint
+from .reader import BatchReader, StartPoint, no_convert
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,8 @@ class ShardStream:
                              multi_label=self.manifest.multi_label, ring=ring)
         if self.cfg.num_workers > 0:
             it = iter(torch.utils.data.DataLoader(
-                reader, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
-                prefetch_factor=self.cfg.prefetch_factor))
+                reader, batch_size=None, collate_fn=no_convert, num_workers=self.cfg.num_workers,
+                pin_memory=self.cfg.pin_memory, prefetch_factor=self.cfg.prefetch_factor))
         else:
             it = iter(reader)
         self._live = [it, here]

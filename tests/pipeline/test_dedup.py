@@ -8,7 +8,9 @@ import numpy as np
 from PIL import Image
 
 from vitpipe.pipeline import IngestConfig, ImageFolderTask, ShardStream, StreamConfig, dedup, ingest, phash
-from vitpipe.pipeline.dedup import near_pairs
+import pytest
+
+from vitpipe.pipeline.dedup import BandIndex, _brute_pairs, near_pairs
 
 
 def test_phash_robust_to_reencode_and_resize_not_to_other_images(cifar_dir):
@@ -32,6 +34,31 @@ def test_near_pairs_exact():
     q = ref[[3, 7, 400]] ^ np.array([0, 0b101, 0b1111111], dtype=np.uint64)
     qi, ri, d = near_pairs(q, ref, max_distance=4, chunk=2)
     assert sorted(zip(qi.tolist(), ri.tolist(), d.tolist())) == [(0, 3, 0), (1, 7, 2)]
+
+
+@pytest.mark.parametrize("max_distance", [0, 1, 3, 4, 8, 15, 20])
+def test_band_index_equals_brute_force(max_distance):
+    rng = np.random.default_rng(max_distance)
+    ref = rng.integers(0, 2**63, 4000, dtype=np.int64).astype(np.uint64) * np.uint64(2)
+    # queries: exact copies, copies with 1..max_distance+2 flipped bits (some inside, some outside the radius),
+    # and unrelated hashes
+    picks = rng.choice(len(ref), 300, replace=False)
+    q = ref[picks].copy()
+    for j in range(len(q)):
+        for b in rng.choice(64, rng.integers(0, max_distance + 3), replace=False):
+            q[j] ^= np.uint64(1) << np.uint64(b)
+    q = np.concatenate([q, rng.integers(0, 2**63, 200, dtype=np.int64).astype(np.uint64)])
+    got = BandIndex(q, max_distance).search(ref, chunk=1000)
+    want = _brute_pairs(q, ref, max_distance, 97)
+    as_set = lambda t: set(zip(*(a.tolist() for a in t)))  # noqa: E731
+    assert as_set(got) == as_set(want)
+    assert len(got[0]) == len(as_set(got))  # each pair once, however many bands it agrees on
+    assert len(want[0]) >= 300 * 0.3  # the test is not vacuous: many planted pairs are inside the radius
+
+
+def test_band_index_rejects_bad_distance():
+    with pytest.raises(ValueError, match="max_distance"):
+        BandIndex(np.zeros(3, np.uint64), 65)
 
 
 def test_dedup_finds_planted_duplicates_and_stream_excludes_them(tmp_path, cifar_dir):
