@@ -17,7 +17,7 @@ from PIL import Image
 
 from .config import IngestConfig
 from .manifest import ShardInfo, url_to_fs, write_atomic
-from .sources import SourceItem, read_item
+from .sources import SourceItem, read_items
 
 # Images above PIL's decompression-bomb limit are real photos at JFT scale, not attacks; decode them.
 Image.MAX_IMAGE_PIXELS = None
@@ -130,10 +130,10 @@ def write_shard(
     with fs.open(tmp, "wb") as raw:
         hw = _HashingWriter(raw)
         with tarfile.open(fileobj=hw, mode="w|", format=tarfile.GNU_FORMAT) as tf:
-            for it in items:
-                try:
-                    data = read_item(it, fs_cache, storage_options)
-                except (OSError, ValueError):
+            for it, data in zip(items, read_items(items, fs_cache, storage_options)):
+                if isinstance(data, BaseException):
+                    if not isinstance(data, (OSError, ValueError, EOFError)):
+                        raise data
                     bad["unreadable"] += 1
                     data = None
                 if data is not None:

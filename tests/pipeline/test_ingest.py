@@ -174,3 +174,22 @@ def test_config_validation():
         IngestConfig(shard_max_samples=None)
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         ingest("/nonexistent/dir", "/tmp/never", IngestConfig())
+
+
+def test_read_items_coalesced_ranges_equal_single_reads(tmp_path, small_shards):
+    from vitpipe.pipeline.sources import SourceItem, list_tar_source, read_items
+
+    items, _ = list_tar_source(small_shards)
+    assert len(items) > 10
+    direct = []
+    for it in items:
+        with open(it.url.replace("file://", ""), "rb") as f:
+            f.seek(it.offset)
+            direct.append(f.read(it.size))
+    for gap, batch in ((0, 1), (1 << 16, 7), (1 << 30, 1000)):
+        assert list(read_items(items, {}, batch=batch, max_gap=gap)) == direct
+    missing = SourceItem(key="gone", url=items[0].url, labels=("a",), ext="jpg", origin="x.tar:gone", offset=-1)
+    lost = SourceItem(key="lost", url=str(tmp_path / "nope.jpg"), labels=("a",), ext="jpg", origin="nope.jpg")
+    got = list(read_items([items[0], missing, lost, items[1]], {}))
+    assert got[0] == direct[0] and got[3] == direct[1]
+    assert isinstance(got[1], FileNotFoundError) and isinstance(got[2], OSError)
