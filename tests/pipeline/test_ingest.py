@@ -193,3 +193,19 @@ def test_read_items_coalesced_ranges_equal_single_reads(tmp_path, small_shards):
     got = list(read_items([items[0], missing, lost, items[1]], {}))
     assert got[0] == direct[0] and got[3] == direct[1]
     assert isinstance(got[1], FileNotFoundError) and isinstance(got[2], OSError)
+
+
+def test_dead_worker_is_a_clear_error_not_a_hang(tmp_path, make_folder):
+    """Workers that die (here: a script without a __main__ guard, whose spawned children re-run it and crash) end
+    the ingest with a clear error; `multiprocessing.Pool` would replace them forever while the task waits."""
+    import subprocess
+    import sys
+
+    src = make_folder(tmp_path / "src", per_class=6)
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from vitpipe.pipeline import IngestConfig, ingest\n"
+        f"ingest({str(src)!r}, {str(tmp_path / 'out')!r}, IngestConfig(num_workers=2, shard_max_samples=4))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    assert "a worker process died" in r.stderr and "__main__" in r.stderr
