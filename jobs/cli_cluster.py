@@ -40,6 +40,18 @@ class _Attempt:
         return self._tracker.child(name, tags={**(tags or {}), "vitpipe.attempt": self._label})
 
 
+def _pending_workers(address: str, info: Any) -> dict[str, str]:
+    """``cluster.pending_workers``, or {} when the state API cannot answer (a node just lost, a dashboard restarting):
+    the diagnosis is a bonus, the verdict must still print."""
+    try:
+        return cluster.pending_workers(address, info)
+    except Exception as e:  # noqa: BLE001 - RayStateApiException, timeouts, connection errors alike
+        import logging
+
+        logging.getLogger(__name__).warning("no placement diagnosis (state API: %s)", str(e).splitlines()[0][:200])
+        return {}
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
@@ -190,19 +202,19 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
         Example: vitpipe status vitpipe-20250101-120000-abc123 --wait
         Exit code: 0 succeeded or still going, 1 failed/stopped, 2 unknown job or no cluster.
         """
+        from vitpipe.jobs.cluster_diagnose import PendingClock
+
         client = guarded(cluster.connect, address)
-        first_seen: dict[str, float] = {}  # pending placement group -> when this command first saw it
+        clock = PendingClock()
         while True:
             rep = guarded(cluster.report, client, job)
             info = cluster.job_info(client, job)
             if rep.verdict == "PENDING":
                 rep.diagnosis = cluster.diagnose(address, info, pending_timeout)
             elif rep.verdict == "RUNNING":
-                waiting = cluster.pending_workers(address, info)
-                first_seen = {pg: first_seen.get(pg, time.monotonic()) for pg in waiting}
-                late = [pg for pg, t in first_seen.items() if time.monotonic() - t >= pending_timeout]
-                if late:
-                    rep.diagnosis = waiting[late[0]] + f" (pending for over {pending_timeout:.0f}s)"
+                waiting = _pending_workers(address, info)
+                if waiting and clock.waiting(time.monotonic()) >= pending_timeout:
+                    rep.diagnosis = next(iter(waiting.values())) + f" (pending for over {pending_timeout:.0f}s)"
                 elif waiting and not wait:
                     console.print(f"  note: {next(iter(waiting.values()))}", highlight=False, soft_wrap=True)
             if not wait or rep.ray_status in cluster.TERMINAL or rep.diagnosis:

@@ -7,12 +7,20 @@ import time
 from typing import Any
 
 
-def cluster_resources(address: str) -> dict[str, float]:
-    """Total resources of the alive nodes, read over the dashboard's state API (no ray.init needed)."""
+def alive_nodes(address: str) -> list:
+    """The cluster's alive nodes (``NodeState``), read over the dashboard's state API (no ray.init needed)."""
     from ray.util.state import list_nodes
 
+    # By default the state API raises when its answer is partial, and a state filter makes it so as soon as one node
+    # has died (the total counts dead nodes, the filtered list does not): `vitpipe status` crashed after a lost node.
+    return list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True, timeout=10,
+                      raise_on_missing_output=False)
+
+
+def cluster_resources(address: str, nodes: list | None = None) -> dict[str, float]:
+    """Total resources of the alive nodes (``nodes``, else read from the cluster at ``address``)."""
     total: dict[str, float] = {}
-    for node in list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True, timeout=10):
+    for node in alive_nodes(address) if nodes is None else nodes:
         for k, v in (node.resources_total or {}).items():
             if not k.startswith("node:") and k not in ("object_store_memory", "memory"):
                 total[k] = total.get(k, 0.0) + float(v)
@@ -52,11 +60,12 @@ def pending_workers(address: str, info: Any) -> dict[str, str]:
     (or not now) host the worker group. The caller decides how long is too long (see `vitpipe status --wait`)."""
     from ray.util.state import list_placement_groups
 
-    pgs = [pg for pg in list_placement_groups(address=address, detail=True, timeout=10)
+    pgs = [pg for pg in list_placement_groups(address=address, detail=True, timeout=10, raise_on_missing_output=False)
            if pg.state == "PENDING" and (not info.job_id or pg.creator_job_id == info.job_id)]
     if not pgs:
         return {}
-    have = cluster_resources(address)
+    nodes = alive_nodes(address)
+    have = cluster_resources(address, nodes)
     request = json.loads((info.metadata or {}).get("vitpipe.request", "{}") or "{}")
     strategy = next((r.get("strategy") for r in request.values()), None)
     out = {}
@@ -74,8 +83,28 @@ def pending_workers(address: str, info: Any) -> dict[str, str]:
                    f"workers, or add nodes")
         elif strategy == "STRICT_SPREAD":
             msg = (f"training workers wait for {what} with STRICT_SPREAD: needs {len(bundles)} distinct nodes with "
-                   f"room; the cluster has {_short(have)}")
+                   f"room; the cluster has {len(nodes)} alive node(s) with {_short(have)}")
         else:
             msg = f"training workers wait for {what}; the cluster has {_short(have)} but other work holds it"
         out[pg.placement_group_id] = msg
     return out
+
+
+class PendingClock:
+    """How long a job's training workers have waited to be placed, across attempts.
+
+    Ray Train gives up on a placement group after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) and asks again under
+    a new id, so a wait timed per group never exceeds that and a longer ``--pending-timeout`` would never fire. The
+    wait resets only after ``gap_s`` without any pending group (Ray re-asks within a poll or two)."""
+
+    def __init__(self, gap_s: float = 15.0):
+        self.gap_s = gap_s
+        self._since: float | None = None
+        self._last_seen = 0.0
+
+    def waiting(self, now: float) -> float:
+        """Record a poll at ``now`` (monotonic seconds) that found workers waiting; returns how long they have."""
+        if self._since is None or now - self._last_seen > self.gap_s:
+            self._since = now
+        self._last_seen = now
+        return now - self._since

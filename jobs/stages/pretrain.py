@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import replace
 from typing import Any
@@ -25,7 +26,16 @@ log = logging.getLogger(__name__)
 # Settings that change how a run is executed or observed, not what it computes: kept out of the cache key.
 # Topology is also left out: the same run may resume on another number of workers (elastic, universal checkpoints).
 _NOT_IN_KEY = ("log_every", "max_failures", "peak_tflops", "placement_strategy", "keep_checkpoints", "num_workers",
-               "cpus_per_worker", "threads_per_worker", "micro_batch")
+               "cpus_per_worker", "threads_per_worker", "micro_batch", "placement_timeout_s",
+               "checkpoint_upload")
+# Ray Train's wait for one placement of the worker group; it retries a timed-out placement as a controller failure.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def placement_attempts(timeout_s: float) -> tuple[int, float]:
+    """How many of Ray Train's placement attempts cover ``timeout_s``, and the seconds each one waits."""
+    attempt_s = float(os.environ.get(START_TIMEOUT_ENV, "60"))
+    return max(1, math.ceil(timeout_s / attempt_s - 1e-9)), attempt_s
 
 
 class PretrainStage:
@@ -40,8 +50,9 @@ class PretrainStage:
         return {"model": to_dict(cfg.model), "pretrain": p}
 
     def run(self, cfg: Any, ctx: StageContext) -> StageResult:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
+        from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
         p = cfg.pretrain
         manifest_url = ctx.inputs["ingest"].path("manifest")
@@ -58,6 +69,9 @@ class PretrainStage:
         ensure_ray()
         storage = local_path(ctx.url) or ctx.url
         threads = p.threads_per_worker or p.cpus_per_worker
+        # Ray Train's default retries a worker group that cannot be placed forever (controller_failure_limit=-1): a
+        # lost node that never comes back, or a STRICT_SPREAD that no longer fits, would hang the run.
+        attempts, attempt_s = placement_attempts(p.placement_timeout_s)
         trainer = TorchTrainer(
             pretrain_worker,
             train_loop_config=spec,
@@ -66,13 +80,18 @@ class PretrainStage:
                                          placement_strategy=p.placement_strategy),
             run_config=RunConfig(
                 name="ray", storage_path=storage,
-                failure_config=FailureConfig(max_failures=p.max_failures),
+                failure_config=FailureConfig(max_failures=p.max_failures, controller_failure_limit=attempts - 1),
                 checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints),
                 worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                                                  **MALLOC_ENV}},
             ),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ControllerError as e:
+            if not isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+                raise
+            raise RuntimeError(_unplaced(p, attempts * attempt_s, ctx)) from e
         if result.error:
             raise result.error
         if not exists(join(ctx.url, "model.pt")):
@@ -84,3 +103,17 @@ class PretrainStage:
                            artifacts={"model": "model.pt", "model_config": "model.json"},
                            info={"checkpoint": ckpt_path, "num_classes": manifest.num_classes,
                                  "classes": manifest.classes})
+
+
+def _unplaced(p: Any, waited_s: float, ctx: StageContext) -> str:
+    """One line for a worker group that found no room: what it asked for, what the cluster has, how to go on."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    have = ", ".join(f"{k}: {v:g}" for k, v in sorted(ray.cluster_resources().items())
+                     if k in ("CPU", "GPU") or not (k.startswith("node:") or k.endswith("memory")))
+    return (f"pretrain: {p.num_workers} training workers ({p.cpus_per_worker} CPU{', 1 GPU' if p.use_gpu else ''} "
+            f"each, {p.placement_strategy}) could not be placed for {waited_s:.0f}s (pretrain.placement_timeout_s="
+            f"{p.placement_timeout_s:g}); the cluster has {len(alive)} alive node(s) with {have or 'nothing'}. "
+            f"Checkpoints so far are kept: once the cluster has room, resume with "
+            f"`vitpipe resume {ctx.run_id} --store {ctx.store.root}`")

@@ -54,11 +54,20 @@ class PretrainConfig:
     checkpoint_every: int = 100
     """Save a (sharded) checkpoint every this many steps, and always at the end."""
     keep_checkpoints: int = 2
-    """Checkpoints kept in the run's storage (older ones are deleted)."""
+    """Checkpoints kept in the run's storage (older ones are deleted); a resume or rollback falls back to an older
+    one when the newest is incomplete (its manifest does not list every rank's files at their saved sizes)."""
+    checkpoint_upload: Literal["async", "sync"] = "async"
+    """async: training goes on while Ray copies a checkpoint to the run's storage (the next save waits for it);
+    sync: every rank waits for its own copy inside the report."""
     max_failures: int = 1
     """Worker-group restarts Ray Train attempts (each resumes from the last checkpoint)."""
+    placement_timeout_s: float = 600.0
+    """Seconds the workers may wait, over the stage, to be placed (at start, or for a restart after a lost node)
+    before the stage fails naming `vitpipe resume`; counted in Ray Train's placement attempts of
+    $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s), rounded up."""
     max_nonfinite: int = 3
-    """Non-finite losses tolerated (batch skipped, then rollback to the last checkpoint) before failing."""
+    """Non-finite losses tolerated over the run before it fails: each one skips its batch and rolls back to the
+    newest complete checkpoint (the step count goes back too; the data stream moves on past the bad batch)."""
     log_every: int = 10
     """Log metrics to the tracker every this many steps."""
     peak_tflops: float | None = None
@@ -79,6 +88,8 @@ class PretrainConfig:
             raise ValueError(f"pretrain.num_workers must be >= 1, got {self.num_workers}")
         if self.lr <= 0:
             raise ValueError(f"pretrain.lr must be > 0, got {self.lr}")
+        if self.placement_timeout_s <= 0:
+            raise ValueError(f"pretrain.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
 
 
 @dataclass(kw_only=True)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -14,8 +15,12 @@ import torch
 
 from vitpipe.jobs.configtools import from_dict
 from vitpipe.jobs.train import checkpoint as ckpt
+from vitpipe.jobs.train import ckpt_store
 from vitpipe.jobs.train.config import PretrainConfig
+from vitpipe.jobs.train.debug import Debug
+from vitpipe.jobs.train.dist import all_finite
 from vitpipe.jobs.train.ds_config import accumulation_steps, deepspeed_config, scaled_lr
+from vitpipe.jobs.train.metrics import log_window, memory_metrics
 from vitpipe.jobs.train.optim import classification_loss, param_groups, top1
 from vitpipe.models import ViTConfig, create, flops
 from vitpipe.models.mpp import MaskedPatchPrediction
@@ -37,6 +42,7 @@ def pretrain_worker(spec: dict) -> None:
     mcfg = ViTConfig.from_dict(spec["model"])
     torch.set_num_threads(p.threads_per_worker or p.cpus_per_worker)
     device = ray.train.torch.get_device() if p.use_gpu else torch.device("cpu")
+    debug = Debug(spec, rank)  # test hooks: fault injection, sample-key and weight recording
 
     torch.manual_seed(p.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
     vit = create(mcfg)
@@ -48,16 +54,8 @@ def pretrain_worker(spec: dict) -> None:
     ds_cfg = deepspeed_config(p, world_size=world, device=device.type, num_params=num_params)
     ckpt.allow_deepspeed_globals()
     restored = ray.train.get_checkpoint()
-    resume_dir = None
-    if restored is not None:
-        resume_dir = restored.to_directory()  # a local copy (a no-op path for local storage)
-        meta = ckpt.read_meta(resume_dir)
-        if meta["world_size"] != world:
-            # Elastic resume: the ZeRO shards were cut for another world size; re-cut them via the universal format.
-            log.info("rank %d: checkpoint from %d ranks, resuming on %d via a universal checkpoint", rank,
-                     meta["world_size"], world)
-            resume_dir = ckpt.to_universal(resume_dir, meta["tag"], tempfile.mkdtemp(prefix="vitpipe-universal-"))
-            ds_cfg["checkpoint"] = {"load_universal": True}
+    resume = contextlib.ExitStack()  # a downloaded or converted checkpoint is kept until it is loaded
+    resume_dir = _resume_dir(resume, restored, world, rank, ds_cfg) if restored is not None else None
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, p.weight_decay),
                                            config=ds_cfg)
     bf16 = ds_cfg["bf16"]["enabled"]
@@ -75,28 +73,30 @@ def pretrain_worker(spec: dict) -> None:
         stream.load_state_dict(client["stream"])
         torch.set_rng_state(client["rng_cpu"])
         log.info("rank %d resumed at step %d", rank, state["step"])
-        if (spec.get("debug") or {}).get("record_keys") and rank == 0:
-            _record_keys(spec["out_url"], "resume", state["step"], [])
+        if debug.get("record_keys") and rank == 0:
+            debug.record_keys("resume", state["step"], [])
+    resume.close()
 
     fl = flops(mcfg)
     if rank == 0:
         info = {"world_size": world, "micro_batch": p.micro_batch, "accumulation_steps": accum,
                 "global_batch": p.global_batch, "scaled_lr": scaled_lr(p), "zero_stage":
                 ds_cfg["zero_optimization"]["stage"], "precision": "bf16" if bf16 else "fp32",
-                "num_params": num_params, "batches_per_epoch": stream.batches_per_epoch()}
+                "num_params": num_params, "batches_per_epoch": stream.batches_per_epoch(),
+                "checkpoint_upload": p.checkpoint_upload}
         log.info("pretrain: %s", ", ".join(f"{k}={v}" for k, v in info.items()))
         if tracker:
             tracker.params({"resolved": info})
 
     batches = _batch_iter(stream)
     window = {"t0": time.perf_counter(), "wait": 0.0, "images": 0, "loss": 0.0, "acc": 0.0, "n": 0}
-    last_ckpt_dir: str | None = None
     last_metrics: dict[str, float] = {}
-    debug = spec.get("debug") or {}  # test hooks: fault injection, sample-key recording
+    fresh = restored is None  # no checkpoint folder of this run can exist at a later step (ckpt_store.checkpoint_name)
     step_keys: list[str] = []
     while state["step"] < p.steps:
-        losses = []
-        for _ in range(accum):
+        losses: list[float] = []
+        nonfinite = False
+        for micro in range(accum):
             t_wait = time.perf_counter()
             x, y, keys = next(batches)
             window["wait"] += time.perf_counter() - t_wait
@@ -108,44 +108,64 @@ def pretrain_worker(spec: dict) -> None:
                 x = x.to(torch.bfloat16)
             if mpp:  # corruption randomness from (seed, step, rank, micro-batch): identical after a resume
                 g = torch.Generator(device=device).manual_seed(
-                    ((p.seed * 1_000_003 + state["step"]) * 1_009 + rank) * 101 + len(losses))
+                    ((p.seed * 1_000_003 + state["step"]) * 1_009 + rank) * 101 + micro)
                 loss, acc = engine(x, g)
             else:
                 logits = engine(x)
                 loss = classification_loss(logits, y, p.loss)
-            if not _all_finite(loss):
-                # Skip the batch before it touches the weights; repeated failures roll back (paper-scale runs
-                # hit the odd bad batch / loss spike and must not die or silently diverge).
-                state["skipped_nonfinite"] += 1
-                if state["skipped_nonfinite"] > p.max_nonfinite:
-                    raise FloatingPointError(f"{state['skipped_nonfinite']} non-finite losses; last at step "
-                                             f"{state['step']} (pretrain.max_nonfinite={p.max_nonfinite})")
-                if last_ckpt_dir:
-                    ckpt.load(engine, last_ckpt_dir)
-                    state["rollbacks"] += 1
-                engine.zero_grad()
-                losses = None
+            if not all_finite(debug.nan(loss, state["step"] + 1, micro)):
+                # Skip the batch before it touches the weights, then roll back (paper-scale runs hit the odd bad
+                # batch / loss spike and must neither die nor silently diverge); bounded, so a diverged run fails.
+                nonfinite = True
+                _count_nonfinite(state, p, rank, micro)
+                if micro > 0:  # DeepSpeed holds this step's first gradients: close its accumulation window
+                    for _ in range(micro, accum):
+                        _null_pass(engine, x, mpp, device)
                 break
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
             window["acc"] += acc.item() if mpp else top1(logits.detach(), y)
             window["n"] += 1
-        if losses is None:
-            continue
+        if nonfinite:
+            client = ckpt_store.rollback(engine, before_verify=debug.damage)
+            if client is not None:
+                # The engine is back at the checkpoint (weights, optimizer, LR schedule, its step count), and so is
+                # the trainer's step; the counters keep counting. The data stream and RNG move on: the offending
+                # batch and those after the checkpoint are not replayed (as PaLM's restarts skip batches).
+                state["step"] = client["trainer"]["step"]
+                state["rollbacks"] += 1
+                fresh = False
+                if rank == 0:
+                    log.warning("rolled back to step %d (rollback %d)", state["step"], state["rollbacks"])
+                debug.record_weights(engine, "rollback", state["step"])
+                step_keys = []
+                continue
+            if not losses:  # nothing reached DeepSpeed: this step never happened
+                step_keys = []
+                continue
+            # else no checkpoint yet: the finite micro-batches made this step's update, which counts as a step
         state["step"] += 1
+        step = state["step"]
         if debug.get("record_keys"):
-            _record_keys(spec["out_url"], rank, state["step"], step_keys)
+            debug.record_keys(rank, step, step_keys)
         step_keys = []
         window["images"] += p.global_batch
         window["loss"] += sum(losses) / len(losses)
-        step = state["step"]
-        if rank == 0 and (step % p.log_every == 0 or step == p.steps):
-            last_metrics = _log_window(tracker, engine, window, fl, p, world, step, stream)
+        if step % p.log_every == 0 or step == p.steps:
+            mem = memory_metrics(device)  # collective: every rank, at the same step
+            if rank == 0:
+                last_metrics = log_window(tracker, engine, window, fl, p, world, step,
+                                          stream.state_dict()["epoch"], mem)
         if step % p.checkpoint_every == 0 or step == p.steps:
-            last_ckpt_dir = _save_and_report(engine, stream, state, step, rank, world, last_metrics)
+            client = {"trainer": dict(state), "stream": stream.state_dict(), "rng_cpu": torch.get_rng_state()}
+            ckpt_store.save_and_report(engine, step, rank, world, client, {**last_metrics, **state},
+                                       ckpt_store.checkpoint_name(step, fresh), p.checkpoint_upload)
+            debug.record_weights(engine, "save", step)
             if restored is None and debug.get("kill_rank") == rank and debug.get("kill_after_step") == step:
                 os.kill(os.getpid(), signal.SIGKILL)  # a worker dying mid-epoch, after a checkpoint
+            if step in debug.get("hold_after_steps", ()):
+                time.sleep(debug.get("hold_s", 60))  # a window for a test to take a node away after a checkpoint
 
     ckpt.export_consolidated(engine, mcfg, spec["out_url"], rank, extra={"steps": state["step"],
                              "objective": p.objective}, vit=vit, prefix="vit." if mpp else "")
@@ -153,6 +173,44 @@ def pretrain_worker(spec: dict) -> None:
         tracker.metrics({"skipped_nonfinite": state["skipped_nonfinite"], "rollbacks": state["rollbacks"],
                          **{f"stream/{k}": v for k, v in stream.stats.items() if isinstance(v, (int, float))}},
                         step=state["step"])
+
+
+def _resume_dir(stack: contextlib.ExitStack, restored: Any, world: int, rank: int, ds_cfg: dict) -> str:
+    """Local folder of the newest complete checkpoint (the one Ray restored, or an older one if that is incomplete),
+    re-cut to the universal format when it was saved at another world size (which sets ``ds_cfg``)."""
+    _, d = stack.enter_context(ckpt_store.newest_verified(ckpt_store.committed() or [restored], "resume"))
+    meta = ckpt.read_meta(d)
+    if meta["world_size"] != world:
+        # Elastic resume: the ZeRO shards were cut for another world size; re-cut them via the universal format.
+        log.info("rank %d: checkpoint from %d ranks, resuming on %d via a universal checkpoint", rank,
+                 meta["world_size"], world)
+        out = tempfile.mkdtemp(prefix="vitpipe-universal-")
+        stack.callback(shutil.rmtree, out, ignore_errors=True)
+        d = ckpt.to_universal(d, meta["tag"], out)
+        ds_cfg["checkpoint"] = {"load_universal": True}
+    return d
+
+
+def _count_nonfinite(state: dict, p: PretrainConfig, rank: int, micro: int) -> None:
+    state["skipped_nonfinite"] += 1
+    n = state["skipped_nonfinite"]
+    if rank == 0:
+        log.warning("non-finite loss (on at least one rank) at step %d, micro-batch %d: batch skipped (%d of "
+                    "pretrain.max_nonfinite=%d)", state["step"] + 1, micro, n, p.max_nonfinite)
+    if n > p.max_nonfinite:
+        raise FloatingPointError(
+            f"pretrain: {n} non-finite losses, more than pretrain.max_nonfinite={p.max_nonfinite} (the last at step "
+            f"{state['step'] + 1}, after {state['rollbacks']} rollback(s) to the last checkpoint): the run diverges "
+            f"or its data is broken; lower pretrain.lr, lengthen warmup_steps, or check the shards")
+
+
+def _null_pass(engine: Any, x: torch.Tensor, mpp: bool, device: torch.device) -> None:
+    """Forward + backward of a zero loss on an all-zero batch: no gradient, but DeepSpeed's micro-step count and
+    ZeRO's gradient hooks advance as for a real micro-batch, so the accumulation window closes at its boundary."""
+    z = torch.zeros_like(x)
+    out = engine(z, torch.Generator(device=device).manual_seed(0))[0] if mpp else engine(z)
+    engine.backward(out.float().sum() * 0.0)
+    engine.step()
 
 
 def _batch_iter(stream: ShardStream):
@@ -165,66 +223,6 @@ def _batch_iter(stream: ShardStream):
         if empty:
             raise RuntimeError("the shard stream produced no batch in a whole epoch (too few samples for "
                                "world size x micro_batch?)")
-
-
-def _record_keys(out_url: str, rank: int | str, step: int, keys: list[str]) -> None:
-    import json
-
-    import fsspec
-
-    with fsspec.open(f"{out_url}/debug/keys-rank{rank}.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "keys": keys}) + "\n")
-
-
-def _all_finite(loss: torch.Tensor) -> bool:
-    """True on every rank iff the loss is finite on every rank (so all ranks skip together, never deadlock)."""
-    flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0])
-    if torch.distributed.is_initialized():
-        if loss.is_cuda:
-            flag = flag.cuda()
-        torch.distributed.all_reduce(flag)
-    return flag.item() == 0.0
-
-
-def _save_and_report(engine, stream: ShardStream, state: dict, step: int, rank: int, world: int,
-                     metrics: dict) -> str:
-    import ray.train
-
-    d = tempfile.mkdtemp(prefix=f"vitpipe-ckpt-r{rank}-")
-    ckpt.save(engine, d, step, client={"trainer": dict(state), "stream": stream.state_dict(),
-                                       "rng_cpu": torch.get_rng_state()})
-    if rank == 0:
-        ckpt.write_meta(d, {"world_size": world, "tag": f"step{step}", "step": step})
-    ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(d),
-                     checkpoint_dir_name=f"step_{step:08d}")
-    return d
-
-
-def _log_window(tracker, engine, w: dict, fl: dict, p: PretrainConfig, world: int, step: int,
-                stream: ShardStream) -> dict[str, float]:
-    dt = max(time.perf_counter() - w["t0"], 1e-9)
-    n_steps = max(1, w["images"] // p.global_batch)
-    ips = w["images"] / dt
-    gn = engine.get_global_grad_norm()
-    m = {"loss": w["loss"] / n_steps, "train_acc": w["acc"] / max(1, w["n"]), "lr": engine.get_lr()[0],
-         "images_per_s": ips, "tflops": ips * fl["train_flops"] / 1e12,
-         "data_wait_frac": w["wait"] / dt, "epoch": stream.state_dict()["epoch"]}
-    if gn is not None and math.isfinite(float(gn)):
-        m["grad_norm"] = float(gn)
-    if p.peak_tflops:
-        m["mfu"] = m["tflops"] / (p.peak_tflops * world)
-    if torch.cuda.is_available():
-        m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        import resource
-        m["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    if tracker:
-        tracker.metrics(m, step=step)
-    eta = (p.steps - step) * p.global_batch / max(ips, 1e-9)
-    log.info("pretrain step %d/%d (%.0f%%) loss %.4f lr %.2e %.1f img/s data-wait %.0f%% eta %.0fs", step, p.steps,
-             100 * step / p.steps, m["loss"], m["lr"], ips, 100 * m["data_wait_frac"], eta)
-    w.update(t0=time.perf_counter(), wait=0.0, images=0, loss=0.0, acc=0.0, n=0)
-    return m
 
 
 def _tracker(spec: dict) -> Any:

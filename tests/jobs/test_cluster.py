@@ -181,3 +181,25 @@ def test_rerun_unknown_stage_is_one_line(tmp_path):
     Store(cfg.store).save_run("r2", {"run_id": "r2", "config": to_dict(cfg), "status": "FINISHED", "stages": {}})
     res = CliRunner().invoke(app, ["resume", "r2", "--store", str(tmp_path)], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and "already FINISHED" in res.output and "vitpipe rerun r2" in res.output
+
+
+def test_pending_workers_are_timed_across_ray_trains_placement_attempts():
+    from vitpipe.jobs.cluster_diagnose import PendingClock
+
+    # Ray Train re-asks for its workers under a new placement group every attempt (5 s here): the wait spans them.
+    clock = PendingClock(gap_s=15)
+    assert [clock.waiting(t) for t in (100, 102, 105, 107, 110, 112)] == [0, 2, 5, 7, 10, 12]
+    # Placed, trained for a while, then waiting again: a new wait.
+    assert clock.waiting(200) == 0 and clock.waiting(203) == 3
+
+
+def test_placement_timeout_counts_ray_train_attempts(monkeypatch):
+    from vitpipe.jobs.stages.pretrain import START_TIMEOUT_ENV, placement_attempts
+
+    monkeypatch.delenv(START_TIMEOUT_ENV, raising=False)
+    assert placement_attempts(600) == (10, 60.0)
+    assert placement_attempts(61) == (2, 60.0) and placement_attempts(1) == (1, 60.0)
+    monkeypatch.setenv(START_TIMEOUT_ENV, "5")
+    assert placement_attempts(30) == (6, 5.0)
+    with pytest.raises(ValueError, match="placement_timeout_s must be > 0"):
+        apply_overrides(get_recipe("tiny"), ["pretrain.placement_timeout_s=0"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -90,16 +89,6 @@ def test_rerun_one_stage_under_the_same_parent(svc):
     assert rec["status"] == "FINISHED" and rec["mlflow_run_id"] == parent_id
 
 
-def _wait_for(pred, timeout: float, what: str, poll: float = 2.0):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        got = pred()
-        if got:
-            return got
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def test_stop_marks_runs_killed_and_resume_continues_from_the_checkpoint(svc):
     from vitpipe.jobs import cluster
 
@@ -110,10 +99,10 @@ def test_stop_marks_runs_killed_and_resume_continues_from_the_checkpoint(svc):
     assert sub.returncode == 0, sub.stdout + sub.stderr
     job = svcmod.job_id_from(sub.stdout)
     run_id = job.removeprefix("vitpipe-")
-    _wait_for(lambda: (store / "runs" / run_id / "run.json").exists(), 300, "the run record")
+    svcmod.wait_for(lambda: (store / "runs" / run_id / "run.json").exists(), 300, "the run record")
     ray_dir = store / "stages" / "pretrain" / svcmod.read_run(store, run_id)["stages"]["pretrain"]["key"] / "ray"
     # Ray Train writes its checkpoint index once the first checkpoint is reported (step 25 of 300).
-    _wait_for(lambda: (ray_dir / "checkpoint_manager_snapshot.json").exists(), 600, "a first pretrain checkpoint",
+    svcmod.wait_for(lambda: (ray_dir / "checkpoint_manager_snapshot.json").exists(), 600, "a first pretrain checkpoint",
               poll=0.5)
     client = cluster.connect(svc.head.dashboard)
     assert cluster.stop(client, job).ray_status == "STOPPED"  # in-process: the CLI's start-up would lose the race

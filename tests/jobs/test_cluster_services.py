@@ -1,8 +1,10 @@
-"""Real services for the cluster tests (no tests here): a loopback Ray head (+ an optional second node) and an MLflow
-server, each in its own process group and temp dir so they never touch another session's Ray or MLflow.
+"""Real services for the cluster tests (no tests here): a loopback Ray head (+ nodes joined to it, which a test can
+lose at once with ``RayNode.kill``) and an MLflow server, each in its own process group and temp dir so they never
+touch another session's Ray or MLflow (never `ray stop`).
 
 ``services(tmp_path_factory)`` returns one shared instance per pytest session (test_cluster.py and
-test_mlflow_ui.py both use it), registered in ``sys.modules`` because each test module loads this file by path.
+test_mlflow_ui.py both use it), registered in ``sys.modules`` because each test module loads this file by path;
+test_multinode.py builds its own (a 1-CPU head, no MLflow server).
 
 Exposure: Ray binds the GCS and node ports with --node-ip-address=127.0.0.1, but the GCS listens on all interfaces;
 the dashboard/job server and MLflow listen on 127.0.0.1 only. Auth mode is explicit (RAY_AUTH_MODE=disabled here).
@@ -53,8 +55,19 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s: {log.read_text()[-3000:] if log else ''}")
 
 
+def _tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    """``proc``'s descendants: Ray's worker processes run in sessions of their own and rename themselves
+    (``ray::...``), so neither the process group nor a command-line marker reaches them."""
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
 def _kill_group(proc: subprocess.Popen, marker: str) -> None:
-    """SIGTERM our process group, then SIGKILL any process still carrying our temp-dir marker (ours alone)."""
+    """SIGTERM our process group, then SIGKILL what is left of our process tree and any process still carrying our
+    temp-dir marker (ours alone)."""
+    tree = _tree(proc)
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -64,6 +77,20 @@ def _kill_group(proc: subprocess.Popen, marker: str) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     time.sleep(1.0)
+    _kill_procs(tree)
+    _kill_marked(marker)
+
+
+def _kill_procs(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _kill_marked(marker: str) -> None:
+    """SIGKILL every process whose command line carries ``marker`` (a temp dir or port that only ours use)."""
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
             if marker and any(marker in a for a in (p.info["cmdline"] or [])):
@@ -75,7 +102,8 @@ def _kill_group(proc: subprocess.Popen, marker: str) -> None:
 class RayNode:
     """``ray start --block`` (head or worker) in its own session; stopped by its process group and temp dir."""
 
-    def __init__(self, temp_dir: str, *, head_address: str | None = None, num_cpus: int = 2):
+    def __init__(self, temp_dir: str, *, head_address: str | None = None, num_cpus: int = 2,
+                 resources: dict[str, float] | None = None, env: dict[str, str] | None = None):
         self.temp_dir = temp_dir
         ports = free_ports(10)
         self.gcs_port, self.dashboard_port = ports[0], ports[1]
@@ -84,6 +112,8 @@ class RayNode:
                 f"--metrics-export-port={ports[4]}", f"--dashboard-agent-listen-port={ports[5]}",
                 f"--dashboard-agent-grpc-port={ports[6]}", f"--runtime-env-agent-port={ports[7]}",
                 "--object-store-memory=200000000"]
+        if resources:
+            args.append(f"--resources={json.dumps(resources)}")
         if head_address is None:
             args += ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
                      f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={ports[8]}",
@@ -93,7 +123,7 @@ class RayNode:
         lo = 20000 + (ports[9] % 20000)
         args += [f"--min-worker-port={lo}", f"--max-worker-port={lo + 200}"]
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-               "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+               "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", **(env or {})}
         env.pop("RAY_ADDRESS", None)
         self.log = Path(temp_dir) / f"ray-start-{ports[2]}.log"
         self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
@@ -110,6 +140,18 @@ class RayNode:
 
     def stop(self) -> None:
         _kill_group(self.proc, self.marker)
+
+    def kill(self) -> None:
+        """Lose the node at once, as a machine dies: SIGKILL its process group and tree (its raylet's workers
+        included), with no chance to deregister from the head."""
+        tree = _tree(self.proc)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _kill_procs(tree)
+        _kill_marked(self.marker)
+        self.proc.wait(timeout=15)
 
 
 class MlflowServer:
@@ -134,28 +176,49 @@ class MlflowServer:
 
 
 class Services:
-    """One Ray head + MLflow server for a test session, and the outputs tests share (the finished tiny job)."""
+    """A Ray head (+ nodes joined to it) and, unless ``mlflow=False``, an MLflow server; for the session-shared
+    instance, also the outputs tests share (the finished tiny job). Without a server, runs track to the store's
+    default sqlite file."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, head_cpus: int = 2, head_resources: dict[str, float] | None = None,
+                 head_env: dict[str, str] | None = None, mlflow: bool = True):
         self.root = root
+        self.cache: dict[str, object] = {}
+        self.extra_nodes: list[RayNode] = []
         # Short temp dir: Ray's unix socket paths must stay under ~107 characters.
         self.ray_tmp = tempfile.mkdtemp(prefix="vr", dir="/tmp")
-        self.mlflow = MlflowServer(str(root / "mlflow"))
-        self.head = RayNode(self.ray_tmp)
-        self.extra_nodes: list[RayNode] = []
-        wait_http(self.mlflow.url + "/health", 120, self.mlflow.proc, self.mlflow.log)
-        wait_http(self.head.dashboard + "/api/version", 180, self.head.proc, self.head.log)
-        self.cache: dict[str, object] = {}
+        self.mlflow = MlflowServer(str(root / "mlflow")) if mlflow else None
+        self.head = None
+        try:
+            self.head = RayNode(self.ray_tmp, num_cpus=head_cpus, resources=head_resources, env=head_env)
+            if self.mlflow:
+                wait_http(self.mlflow.url + "/health", 120, self.mlflow.proc, self.mlflow.log)
+            wait_http(self.head.dashboard + "/api/version", 180, self.head.proc, self.head.log)
+        except BaseException:
+            self.stop()
+            raise
 
-    def add_node(self, num_cpus: int = 1) -> RayNode:
-        node = RayNode(self.ray_tmp, head_address=self.head.address, num_cpus=num_cpus)
+    def add_node(self, num_cpus: int = 1, resources: dict[str, float] | None = None,
+                 env: dict[str, str] | None = None) -> RayNode:
+        """Join a node to the head (returns at once; see ``alive_nodes``)."""
+        node = RayNode(self.ray_tmp, head_address=self.head.address, num_cpus=num_cpus, resources=resources, env=env)
         self.extra_nodes.append(node)
         return node
+
+    def alive_nodes(self) -> list:
+        """The cluster's alive nodes (state API ``NodeState``s)."""
+        from ray.util.state import list_nodes
+
+        # Without raise_on_missing_output=False, a state filter raises once any node has died (total != returned).
+        return list_nodes(address=self.head.dashboard, filters=[("state", "=", "ALIVE")], detail=True, timeout=10,
+                          raise_on_missing_output=False)
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment for CLI subprocesses: this cluster, this MLflow, explicit auth mode, no inherited secrets."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
-        env.update({"RAY_AUTH_MODE": "disabled", "MLFLOW_TRACKING_URI": self.mlflow.url,
+        if self.mlflow:
+            env["MLFLOW_TRACKING_URI"] = self.mlflow.url
+        env.update({"RAY_AUTH_MODE": "disabled",
                     "RAY_API_SERVER_ADDRESS": self.head.dashboard, "RAY_ADDRESS": self.head.address,
                     "COLUMNS": "200", "PYTHONWARNINGS": "ignore::DeprecationWarning"})
         env.update(extra)
@@ -168,8 +231,10 @@ class Services:
     def stop(self) -> None:
         for n in self.extra_nodes:
             n.stop()
-        self.head.stop()
-        self.mlflow.stop()
+        if self.head:
+            self.head.stop()
+        if self.mlflow:
+            self.mlflow.stop()
         subprocess.run(["rm", "-rf", self.ray_tmp], check=False)
 
 
@@ -185,6 +250,17 @@ def services(request, tmp_path_factory) -> Services:
 
         request.session.config.add_cleanup(stop)
     return holder.instance
+
+
+def wait_for(pred, timeout: float, what: str, poll: float = 2.0):
+    """``pred()``'s first truthy value, polled every ``poll`` seconds; AssertionError after ``timeout`` seconds."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        got = pred()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def job_id_from(stdout: str) -> str:
