@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vitpipe.jobs import cluster
+from vitpipe.jobs import cluster, cluster_diagnose, cluster_mlflow, cluster_status
 from vitpipe.jobs.configtools import ConfigError, from_dict
 from vitpipe.jobs.tracking import redact
 
@@ -41,10 +41,10 @@ class _Attempt:
 
 
 def _pending_workers(address: str, info: Any) -> dict[str, str]:
-    """``cluster.pending_workers``, or {} when the state API cannot answer (a node just lost, a dashboard restarting):
+    """``cluster_diagnose.pending_workers``, or {} when the state API cannot answer (a node just lost, a dashboard restarting):
     the diagnosis is a bonus, the verdict must still print."""
     try:
-        return cluster.pending_workers(address, info)
+        return cluster_diagnose.pending_workers(address, info)
     except Exception as e:  # noqa: BLE001 - RayStateApiException, timeouts, connection errors alike
         import logging
 
@@ -119,7 +119,7 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
         except USER_ERRORS as e:
             _fail(str(e))
 
-    def show(rep: cluster.JobReport, address: str) -> None:
+    def show(rep: cluster_status.JobReport, address: str) -> None:
         style = VERDICT_STYLE.get(rep.verdict, "white")
         console.print(f"job [bold]{rep.job_id}[/]: [{style}]{rep.verdict}[/] (Ray: {rep.ray_status}, run.json: "
                       f"{rep.run_status or 'not written yet'})", highlight=False, soft_wrap=True)
@@ -130,7 +130,7 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
             console.print(f"  stages: {stages}", highlight=False, soft_wrap=True)
         if rep.run_id:
             console.print(f"  run: {rep.run_id} in {rep.store}", highlight=False, soft_wrap=True)
-        link = cluster.mlflow_link(os.environ.get("MLFLOW_TRACKING_URI") or rep.tracking_uri, rep.mlflow_run_id)
+        link = cluster_mlflow.mlflow_link(os.environ.get("MLFLOW_TRACKING_URI") or rep.tracking_uri, rep.mlflow_run_id)
         if link:
             console.print(f"  MLflow: {link}", highlight=False, soft_wrap=True)
         if rep.diagnosis:
@@ -184,9 +184,9 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
     def _follow_and_judge(job_id: str, address: str) -> None:
         client = guarded(cluster.connect, address)
         guarded(cluster.job_info, client, job_id)
-        for chunk in cluster.follow_logs(client, job_id):
+        for chunk in cluster_status.follow_logs(client, job_id):
             console.out(chunk, end="", highlight=False)
-        rep = cluster.wait(client, job_id, timeout_s=60)
+        rep = cluster_status.wait(client, job_id, timeout_s=60)
         show(rep, address)
         raise typer.Exit(0 if rep.ok else 1)
 
@@ -207,10 +207,10 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
         client = guarded(cluster.connect, address)
         clock = PendingClock()
         while True:
-            rep = guarded(cluster.report, client, job)
+            rep = guarded(cluster_status.report, client, job)
             info = cluster.job_info(client, job)
             if rep.verdict == "PENDING":
-                rep.diagnosis = cluster.diagnose(address, info, pending_timeout)
+                rep.diagnosis = cluster_diagnose.diagnose(address, info, pending_timeout)
             elif rep.verdict == "RUNNING":
                 waiting = _pending_workers(address, info)
                 if waiting and clock.waiting(time.monotonic()) >= pending_timeout:
@@ -242,7 +242,7 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
         Example: vitpipe stop vitpipe-20250101-120000-abc123
         """
         client = guarded(cluster.connect, address)
-        rep = guarded(cluster.stop, client, job, timeout)
+        rep = guarded(cluster_status.stop, client, job, timeout)
         show(rep, address)
 
     @app.command("jobs")
@@ -255,9 +255,9 @@ def register(app: typer.Typer, console: Console) -> None:  # noqa: C901 - one cl
         table = Table(title=f"vitpipe jobs at {address}")
         for col in ("job", "recipe", "verdict", "started", "run", "MLflow"):
             table.add_column(col, overflow="fold")
-        for rep in cluster.list_reports(client, limit):
+        for rep in cluster_status.list_reports(client, limit):
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep.start_time)) if rep.start_time else ""
-            link = cluster.mlflow_link(os.environ.get("MLFLOW_TRACKING_URI") or rep.tracking_uri, rep.mlflow_run_id)
+            link = cluster_mlflow.mlflow_link(os.environ.get("MLFLOW_TRACKING_URI") or rep.tracking_uri, rep.mlflow_run_id)
             style = VERDICT_STYLE.get(rep.verdict, "white")
             table.add_row(rep.job_id, rep.recipe, f"[{style}]{rep.verdict}[/]", started, rep.run_id or "", link)
         console.print(table)

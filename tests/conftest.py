@@ -31,6 +31,40 @@ def hymenoptera_root() -> Path:
     return HYMENOPTERA
 
 
+S3_BUCKET = "vitpipe-test"
+S3_CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 endpoint: moto's server on 127.0.0.1 with an empty bucket `S3_BUCKET`; yields fsspec/s3fs
+    storage options ({"endpoint_url": ...}). Credentials are fake and set in the environment for the module."""
+    import socket
+    import urllib.request
+
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    mp = pytest.MonkeyPatch()
+    for k, v in S3_CREDS.items():
+        mp.setenv(k, v)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    # moto's backends are process-global: a server started earlier in this session left its buckets behind
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).read()
+    opts = {"endpoint_url": url}
+    s3fs.S3FileSystem(**opts, skip_instance_cache=True).mkdir(S3_BUCKET)
+    try:
+        yield opts
+    finally:
+        server.stop()
+        mp.undo()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session (a cold start costs ~30-60 s on 2 cores)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from ray.job_submission import JobDetails, JobStatus
 
-from vitpipe.jobs import cluster
+from vitpipe.jobs import cluster, cluster_mlflow, cluster_status
 from vitpipe.jobs.configtools import apply_overrides, to_dict
 from vitpipe.jobs.recipes import get_recipe
 from vitpipe.jobs.store import StageResult, Store
@@ -69,21 +69,21 @@ def test_verdict_needs_ray_and_the_store_to_agree(tmp_path):
     cfg = apply_overrides(get_recipe("tiny"), [f"store={tmp_path}"])
     store = Store(cfg.store)
     # Ray says SUCCEEDED but the driver wrote nothing: not a success.
-    rep = cluster.judge(_details("SUCCEEDED", "r1", tmp_path), None)
+    rep = cluster_status.judge(_details("SUCCEEDED", "r1", tmp_path), None)
     assert rep.verdict == "FAILED" and "no run record" in rep.reason
     # Exit 0 while run.json still says RUNNING (the log stream ended early, the driver was cut off).
     stages = list(cfg.stages)  # topological order
     rec = _record(store, cfg, "RUNNING", stages[:2])
-    rep = cluster.judge(_details("SUCCEEDED", "r1", tmp_path), rec)
+    rep = cluster_status.judge(_details("SUCCEEDED", "r1", tmp_path), rec)
     assert rep.verdict == "FAILED" and "run.json says RUNNING" in rep.reason
     assert list(rep.stages) == stages  # shown in pipeline order, not run.json's sorted keys
     assert list(rep.stages.values()) == ["done", "done", "running"] + ["waiting"] * (len(stages) - 3)
     # FINISHED but a stage's result.json is missing (deleted / never written): still not a success.
     rec = _record(store, cfg, "FINISHED", list(cfg.stages)[:-1])
-    rep = cluster.judge(_details("SUCCEEDED", "r1", tmp_path), rec)
+    rep = cluster_status.judge(_details("SUCCEEDED", "r1", tmp_path), rec)
     assert rep.verdict == "FAILED" and "'report' has no result.json" in rep.reason
     rec = _record(store, cfg, "FINISHED", list(cfg.stages))
-    assert cluster.judge(_details("SUCCEEDED", "r1", tmp_path), rec).ok
+    assert cluster_status.judge(_details("SUCCEEDED", "r1", tmp_path), rec).ok
 
 
 def test_failed_job_reason_is_the_root_cause_line(tmp_path):
@@ -91,10 +91,10 @@ def test_failed_job_reason_is_the_root_cause_line(tmp_path):
     stages = list(cfg.stages)
     rec = _record(Store(cfg.store), cfg, "FAILED", stages[:stages.index("pretrain")])
     rec["error"] = "WorkerGroupError: Training failed:\n  File x\nTypeError: bad arg"
-    rep = cluster.judge(_details("FAILED", "r1", tmp_path), rec)
+    rep = cluster_status.judge(_details("FAILED", "r1", tmp_path), rec)
     assert rep.reason == "WorkerGroupError: Training failed: … TypeError: bad arg"
     assert rep.stages["pretrain"] == "failed" and rep.stages["report"] == "not run"
-    rep = cluster.judge(_details("FAILED", "r1", tmp_path, message="Job entrypoint command failed with exit code 1"),
+    rep = cluster_status.judge(_details("FAILED", "r1", tmp_path, message="Job entrypoint command failed with exit code 1"),
                         None)
     assert rep.verdict == "FAILED" and "exit code 1" in rep.reason
 
@@ -133,10 +133,10 @@ def test_entrypoint_interpreter():
 
 
 def test_mlflow_link_never_shows_credentials():
-    assert cluster.mlflow_link("http://u:pw@127.0.0.1:1/", "abc").startswith("http://127.0.0.1:1 (run abc)")
-    assert "pw" not in cluster.mlflow_link("http://u:pw@127.0.0.1:1/", "abc")
-    assert cluster.mlflow_link("sqlite:////tmp/m.db", "abc").startswith("mlflow ui --backend-store-uri sqlite")
-    assert cluster.mlflow_link("http://x", None) == ""
+    assert cluster_mlflow.mlflow_link("http://u:pw@127.0.0.1:1/", "abc").startswith("http://127.0.0.1:1 (run abc)")
+    assert "pw" not in cluster_mlflow.mlflow_link("http://u:pw@127.0.0.1:1/", "abc")
+    assert cluster_mlflow.mlflow_link("sqlite:////tmp/m.db", "abc").startswith("mlflow ui --backend-store-uri sqlite")
+    assert cluster_mlflow.mlflow_link("http://x", None) == ""
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path):

@@ -91,6 +91,7 @@ def test_rerun_one_stage_under_the_same_parent(svc):
 
 def test_stop_marks_runs_killed_and_resume_continues_from_the_checkpoint(svc):
     from vitpipe.jobs import cluster
+    from vitpipe.jobs import cluster_status
 
     tiny = svcmod.finished_tiny(svc)  # ingest is cached in this store; pretrain gets a new key (more steps)
     store = tiny["store"]
@@ -105,7 +106,7 @@ def test_stop_marks_runs_killed_and_resume_continues_from_the_checkpoint(svc):
     svcmod.wait_for(lambda: (ray_dir / "checkpoint_manager_snapshot.json").exists(), 600, "a first pretrain checkpoint",
               poll=0.5)
     client = cluster.connect(svc.head.dashboard)
-    assert cluster.stop(client, job).ray_status == "STOPPED"  # in-process: the CLI's start-up would lose the race
+    assert cluster_status.stop(client, job).ray_status == "STOPPED"  # in-process: the CLI's start-up would lose the race
 
     res = svc.cli("status", job)
     assert res.returncode == 1, res.stdout + res.stderr

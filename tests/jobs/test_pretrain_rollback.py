@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import fsspec
@@ -19,7 +18,7 @@ from vitpipe.jobs.runner import run_pipeline
 from vitpipe.jobs.tracking import NullTracker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-BUCKET = "vitpipe-test"
+BUCKET = "vitpipe-test"  # tests/conftest.py S3_BUCKET
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -36,23 +35,6 @@ def ingested(tmp_path_factory, cifar10_root):
     cfg = _cfg(store, cifar10_root, "stages=ingest")
     summary = run_pipeline(cfg, stages_for(cfg), parent_tracker=NullTracker(), progress=False)
     return store, summary.results["ingest"].path("manifest")
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    for k, v in CREDS.items():
-        monkeypatch.setenv(k, v)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    opts = {"endpoint_url": f"http://127.0.0.1:{port}"}
-    s3fs.S3FileSystem(**opts, skip_instance_cache=True).mkdir(BUCKET)
-    yield port, opts
-    server.stop()
 
 
 def _jsonl(url: str) -> list[dict]:
@@ -73,7 +55,8 @@ def test_nan_rolls_back_past_a_damaged_checkpoint_with_async_s3_upload(tmp_path,
     from vitpipe.jobs.train.ckpt_manifest import verify
     from vitpipe.jobs.train.loop import pretrain_worker
 
-    port, opts = s3
+    opts = s3  # the moto server of tests/conftest.py, bucket BUCKET
+    port = int(opts["endpoint_url"].rsplit(":", 1)[1])
     cfg = _cfg(ingested[0], cifar10_root, "pretrain.steps=8", "pretrain.checkpoint_every=2", "pretrain.log_every=2",
                "pretrain.keep_checkpoints=2", "pretrain.checkpoint_upload=async")
     tracker = MlflowTracker.start(mlflow_uri, "rollback", "pretrain")

@@ -2,43 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from vitpipe.pipeline import IngestConfig, Manifest, ShardStream, StreamConfig, ingest
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(monkeypatch_module):
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch_module.setenv(k, v)
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    opts = {"endpoint_url": f"http://127.0.0.1:{port}"}
-    import s3fs
-
-    s3fs.S3FileSystem(**opts, skip_instance_cache=True).mkdir("vitpipe-test")
-    yield opts
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+pytest.importorskip("moto.server")
 
 
 @pytest.mark.slow
