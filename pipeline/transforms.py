@@ -1,8 +1,11 @@
 """Decode + augment with PIL/numpy: Inception random-resized crop + flip (train), resize + center crop (eval).
 
-JPEGs are decoded at reduced size (`Image.draft`: DCT scaling by 1/2, 1/4, 1/8) whenever the output needs no more
-pixels, which is what makes photo-size streaming cheap. Pixel work is uint8 per image; normalisation to float is
-done once per batch (`normalize_batch`).
+JPEGs are decoded at reduced size (DCT scaling by 1/2, 1/4, 1/8) whenever the output needs no more pixels, which is
+what makes photo-size streaming cheap. JPEG bytes are decoded with `simplejpeg` (libjpeg-turbo straight into a numpy
+array) when it is installed: measured ~3x less CPU per CIFAR image than `PIL.Image.open` + load, whose marker
+parsing is Python; other formats, CMYK JPEGs and anything simplejpeg rejects go through PIL (so a corrupt file still
+raises PIL's error). Pixel work is uint8 per image; normalisation to float is done once per batch
+(`normalize_batch`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ import random
 import numpy as np
 import torch
 from PIL import Image
+
+try:
+    import simplejpeg
+except ImportError:  # optional: PIL decodes everything without it, only slower
+    simplejpeg = None
 
 Image.MAX_IMAGE_PIXELS = None  # real photos, not decompression bombs
 
@@ -101,6 +109,37 @@ def crop_resize(img: Image.Image, box: tuple[float, ...], size: int) -> Image.Im
     return img.resize((size, size), Image.BILINEAR, box=box)
 
 
+def _jpeg_header(data) -> tuple[int, int] | None:
+    """(height, width) of JPEG bytes that simplejpeg can decode to RGB; None for anything else (PIL's job)."""
+    if simplejpeg is None or isinstance(data, Image.Image) or bytes(data[:2]) != b"\xff\xd8":
+        return None
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return None if colorspace == "CMYK" else (h, w)  # libjpeg-turbo has no CMYK -> RGB conversion
+
+
+def _jpeg_crop_resize(data: bytes, w: int, h: int, box: tuple[float, ...], size: int) -> np.ndarray:
+    """`crop_resize` for JPEG bytes through simplejpeg: the same reduced-size rule, the same PIL resampling."""
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    mw = mh = 0
+    if min(bw, bh) >= 2 * size:
+        # PIL's `draft` rule (a power-of-two scale keeping >= size pixels across the crop), so both paths give the
+        # same pixels; libjpeg-turbo would otherwise also pick M/8 scales such as 3/8
+        req_w, req_h = math.ceil(w * size / bw), math.ceil(h * size / bh)
+        fit = min(w // req_w, h // req_h)
+        scale = next((s for s in (8, 4, 2) if s <= fit), 1)
+        mw, mh = -(-w // scale), -(-h // scale)
+    # ISLOW DCT and fancy upsampling: PIL's defaults (simplejpeg's fast ones change pixels)
+    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, min_height=mh,
+                                 min_width=mw)
+    if arr.shape[0] != h or arr.shape[1] != w:
+        sx, sy = arr.shape[1] / w, arr.shape[0] / h
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR, box=box))
+
+
 class ImageTransform:
     """PIL image or encoded bytes -> normalised float tensor (3, H, W).
 
@@ -119,19 +158,33 @@ class ImageTransform:
 
     def to_uint8(self, data: bytes | Image.Image, rng=None) -> np.ndarray:
         """(H, W, 3) uint8 after crop/resize/flip; raises PIL/OSError errors on corrupt data."""
-        img = open_image(data)
-        w, h = img.size
-        if self.train:
-            if rng is None:
-                rng = random.Random()
-            elif isinstance(rng, int):
-                rng = SplitMix64(rng)
-            box = rrc_box(w, h, rng, self.scale, self.ratio)
-            flip = self.hflip and rng.random() < 0.5
+        header = _jpeg_header(data)
+        img = None
+        if header is None:
+            img = open_image(data)
+            w, h = img.size
         else:
-            box, flip = center_box(w, h), False
-        arr = np.asarray(crop_resize(img, box, self.img_size))
+            h, w = header
+        box, flip = self._box(w, h, rng)
+        arr = None
+        if header is not None:
+            try:
+                arr = _jpeg_crop_resize(data, w, h, box, self.img_size)
+            except ValueError:  # corrupt or unsupported: PIL decides (and names the error)
+                img = open_image(data)
+        if arr is None:
+            arr = np.asarray(crop_resize(img, box, self.img_size))
         return arr[:, ::-1] if flip else arr
+
+    def _box(self, w: int, h: int, rng) -> tuple[tuple[float, ...], bool]:
+        if not self.train:
+            return center_box(w, h), False
+        if rng is None:
+            rng = random.Random()
+        elif isinstance(rng, int):
+            rng = SplitMix64(rng)
+        box = rrc_box(w, h, rng, self.scale, self.ratio)
+        return box, self.hflip and rng.random() < 0.5
 
     def __call__(self, data: bytes | Image.Image, rng=None) -> torch.Tensor:
         return normalize_batch(self.to_uint8(data, rng)[None], self.mean, self.std)[0]

@@ -83,3 +83,25 @@ def test_train_transform_reproducible_and_flips(jpeg_bytes):
     assert torch.equal(tf(data, rng=5), tf(data, rng=5))
     outs = {tuple(tf(data, rng=s).flatten()[:8].tolist()) for s in range(20)}
     assert len(outs) == 2  # full-image crop: only the flip varies
+
+
+def test_simplejpeg_path_matches_pil_and_rejects_corrupt_data(cifar_dir, hymenoptera_dir, monkeypatch):
+    """The fast JPEG path (simplejpeg) gives the same pixels as PIL's, reduced-size decoding included; truncated
+    data still raises (through PIL's error) instead of yielding a grey-filled image."""
+    import vitpipe.pipeline.transforms as T
+
+    if T.simplejpeg is None:
+        pytest.skip("simplejpeg not installed")
+    files = sorted((cifar_dir / "test" / "dog").glob("*.jpg"))[:40] + sorted(hymenoptera_dir.glob("train/*/*.jpg"))[:8]
+    datas = [f.read_bytes() for f in files]
+    for size, train in ((32, True), (224, True), (96, False)):
+        tf = T.ImageTransform(size, train=train)
+        fast = [tf.to_uint8(d, T.SplitMix64(i)) for i, d in enumerate(datas)]
+        with monkeypatch.context() as m:
+            m.setattr(T, "simplejpeg", None)
+            slow = [tf.to_uint8(d, T.SplitMix64(i)) for i, d in enumerate(datas)]
+        for a, b in zip(fast, slow):
+            assert a.shape == (size, size, 3) and np.array_equal(a, b)
+    big = max(datas, key=len)
+    with pytest.raises((OSError, ValueError)):
+        T.ImageTransform(64, train=False).to_uint8(big[: len(big) // 2])
