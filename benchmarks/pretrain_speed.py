@@ -186,7 +186,8 @@ def cpu(args) -> None:
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, malloc {MALLOC_ENV}")
     store = tempfile.mkdtemp(prefix="vitpipe-bench-")
     base = [f"store={store}", f"pretrain.steps={args.steps}", "pretrain.log_every=5",
-            f"pretrain.checkpoint_every={args.steps}", "ingest.limit_per_class=1000", "tracking.enabled=false"]
+            f"pretrain.checkpoint_every={args.steps}", "ingest.limit_per_class=1000", "tracking.enabled=false",
+            *args.set]
     # 1. shards (no Ray yet), 2. the bare loop on them, 3. the Ray + DeepSpeed stage: Ray's processes must not be
     # running while the bare loop is timed.
     cfg = resolve_paths(apply_overrides(get_recipe("demo"), [*base, "stages=ingest"]))
@@ -213,6 +214,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--max-batch", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="CPU: extra recipe overrides for both loops, e.g. --set pretrain.zero_stage=1")
     ap.add_argument("--zero-stages", default="1,2,3", type=lambda v: [int(z) for z in v.split(",")])
     args = ap.parse_args()
     if args.device == "cuda":

@@ -49,7 +49,9 @@ def deepspeed_config(p: Any, *, world_size: int, device: str, num_params: int) -
         scheduler = {"type": "WarmupDecayLR",
                      "params": {"total_num_steps": max(p.steps, warmup + 1), "warmup_num_steps": warmup,
                                 "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_type": "linear"}}
-    zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": device == "cuda"}
+    # contiguous_gradients copies every gradient into one buffer against GPU memory fragmentation; on CPU it is only
+    # the copy (measured 0.84x -> 0.87-0.90x of a bare loop for the CPU demo's ZeRO-2 step)
+    zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": device == "cuda", "overlap_comm": device == "cuda"}
     if stage == 3:
         # Gather full fp32 weights on save so a checkpoint is also loadable outside DeepSpeed.
         zero.update({"stage3_gather_16bit_weights_on_model_save": True})

@@ -23,6 +23,7 @@ def test_config_reflects_typed_config():
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
     assert ds["scheduler"]["params"]["total_num_steps"] == 1000
     assert ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"]["contiguous_gradients"] is True and ds["zero_optimization"]["overlap_comm"] is True
 
 
 def test_cpu_defaults_and_lr_scaling():
@@ -31,6 +32,8 @@ def test_cpu_defaults_and_lr_scaling():
     assert ds["bf16"]["enabled"] is False  # fp32 on CPU
     assert ds["optimizer"]["params"]["torch_adam"] is True
     assert ds["zero_optimization"]["stage"] == 2
+    # GPU-only measures: on CPU they are copies and threads with nothing to gain
+    assert ds["zero_optimization"]["contiguous_gradients"] is False and ds["zero_optimization"]["overlap_comm"] is False
     assert ds["scheduler"]["type"] == "WarmupDecayLR"
     assert ds["scheduler"]["params"]["warmup_max_lr"] == pytest.approx(5e-4)
     assert default_zero_stage(2_000_000_000) == 3
