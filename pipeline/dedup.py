@@ -126,9 +126,18 @@ def near_pairs(query: np.ndarray, ref: np.ndarray, max_distance: int, chunk: int
     return qi[order], ri[order], d[order]
 
 
+_INDEX: BandIndex | None = None  # a pool worker's copy of the test-hash index, sent once (see match_manifest)
+
+
+def _set_index(index: BandIndex) -> None:
+    global _INDEX
+    _INDEX = index
+
+
 def _match_shard(args) -> tuple[int, list[tuple[int, str, int]], int]:
-    """Hash one pretraining shard and match it against the index: (samples hashed, [(test idx, key, dist)], bad)."""
-    url, storage_options, index = args
+    """Hash one pretraining shard and match it against the worker's index: (samples hashed, [(test idx, key,
+    dist)], bad)."""
+    url, storage_options = args
     fs, path = url_to_fs(url, storage_options, fresh=True)
     samples, _ = parse_shard(fs.cat_file(path), set())
     keys, hashes, bad = [], [], 0
@@ -138,20 +147,22 @@ def _match_shard(args) -> tuple[int, list[tuple[int, str, int]], int]:
             keys.append(key)
         except (OSError, ValueError, SyntaxError):
             bad += 1
-    qi, ri, d = index.search(np.array(hashes, dtype=np.uint64))
+    qi, ri, d = _INDEX.search(np.array(hashes, dtype=np.uint64))
     return len(keys), [(q, keys[r], dd) for q, r, dd in zip(qi.tolist(), ri.tolist(), d.tolist())], bad
 
 
 def match_manifest(manifest: Manifest, index: BandIndex, num_workers: int = 2,
                    storage_options: dict | None = None):
     """Per shard, in manifest order: (samples hashed, matches, bad) - shards hashed in parallel processes, each
-    returning only its matches."""
-    tasks = [(manifest.url(s), storage_options, index) for s in manifest.shards]
+    returning only its matches; the index goes to each worker once, not with every shard."""
+    tasks = [(manifest.url(s), storage_options) for s in manifest.shards]
     if num_workers > 1 and len(tasks) > 1:
         # spawn: the dedup stage runs in a driver with Ray / MLflow threads, which a forked child can deadlock on
         ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(min(num_workers, len(tasks)), mp_context=ctx) as pool:
+        with ProcessPoolExecutor(min(num_workers, len(tasks)), mp_context=ctx, initializer=_set_index,
+                                 initargs=(index,)) as pool:
             return list(pool.map(_match_shard, tasks, chunksize=max(1, len(tasks) // (8 * num_workers))))
+    _set_index(index)
     return [_match_shard(t) for t in tasks]
 
 

@@ -205,8 +205,12 @@ def list_source(src: str, split: str | None = None, storage_options: dict | None
     return list_image_folder(src, split, storage_options), None
 
 
+def _proto(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
 def _fs_for(url: str, fs_cache: dict, storage_options: dict | None):
-    proto = url.split("://", 1)[0] if "://" in url else "file"
+    proto = _proto(url)
     if proto not in fs_cache:
         fs_cache[proto] = url_to_fs(url, storage_options, fresh=True)[0]
     return fs_cache[proto]
@@ -238,7 +242,7 @@ def read_items(items: list[SourceItem], fs_cache: dict, storage_options: dict | 
                 spans.append([it.url, it.offset, it.offset + it.size, [(j, it.offset, it.size)]])
         by_proto: dict[str, list] = {}
         for sp in spans:
-            by_proto.setdefault(sp[0].split("://", 1)[0] if "://" in sp[0] else "file", []).append(sp)
+            by_proto.setdefault(_proto(sp[0]), []).append(sp)
         for group in by_proto.values():
             fs = _fs_for(group[0][0], fs_cache, storage_options)
             datas = fs.cat_ranges([fs._strip_protocol(sp[0]) for sp in group], [sp[1] for sp in group],

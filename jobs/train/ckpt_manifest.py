@@ -46,8 +46,7 @@ def verify(directory: str, fs: Any = None, **storage_options: Any) -> list[str]:
     fsspec URL, or a path on ``fs`` (an fsspec filesystem, e.g. ``ArrowFSWrapper`` of a Ray checkpoint's)."""
     if fs is None:
         fs, directory = url_to_fs(directory, **storage_options)
-    root = directory
-    root = root.rstrip("/")
+    root = directory.rstrip("/")
     try:
         meta = json.loads(fs.cat_file(f"{root}/{META}"))
         world = int(meta["world_size"])
