@@ -67,19 +67,29 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak_tflops(device: str, dtype: torch.dtype) -> float:
-    """Best of a few 4096² matmuls (fp32 on CPU) in this process."""
-    n = 4096
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(3 if device == "cpu" else 20):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e12
+class MatmulPeak:
+    """Best 4096² matmul (fp32 on CPU) seen in this process; re-timed every round so a busy spell at start-up
+    cannot lower the peak (and inflate utilisation)."""
+
+    def __init__(self, device: str, dtype: torch.dtype) -> None:
+        n = self.n = 4096
+        self.device = device
+        self.a, self.b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        self.a @ self.b
+        self.best = float("inf")
+        self.sample(3 if device == "cpu" else 20)
+
+    def sample(self, reps: int = 1) -> None:
+        for _ in range(reps):
+            sync(self.device)
+            t = time.perf_counter()
+            self.a @ self.b
+            sync(self.device)
+            self.best = min(self.best, time.perf_counter() - t)
+
+    @property
+    def tflops(self) -> float:
+        return 2 * self.n**3 / self.best / 1e12
 
 
 def hf_model(cfg: ViTConfig, transformers):
@@ -127,9 +137,9 @@ class Runner:
         return time.perf_counter() - t
 
 
-def bench_case(case: Case, args, transformers, peak: float) -> list[dict]:
+def bench_case(case: Case, args, transformers, peak: MatmulPeak | None) -> dict[tuple[str, bool], list[float]]:
+    """Seconds per step of each (model, compiled) variant, one entry per interleaved round."""
     cfg = ViTConfig.from_name(case.name, img_size=case.img, num_classes=1000, gelu="exact")
-    train_flops = flops(cfg)["train_flops"]
     variants: list[tuple[str, bool]] = [("hf", False), ("vitpipe", False)]
     if args.compile:
         variants += ([] if args.no_hf_compile else [("hf", True)]) + [("vitpipe", True)]
@@ -154,15 +164,31 @@ def bench_case(case: Case, args, transformers, peak: float) -> list[dict]:
     for _ in range(args.rounds):
         for k, r in runners.items():  # interleaved: background load affects every model alike
             times[k].append(r.steps(args.steps) / args.steps)
-    rows = []
-    for (kind, comp), ts in times.items():
-        ips = case.batch / statistics.median(ts)
-        rows.append(dict(case=f"{case.name}@{case.img} b{case.batch}", model=kind, compile=comp, ips=ips,
-                         util=ips * train_flops / 1e12 / peak))  # fmt: skip
+        if peak is not None:
+            peak.sample()
     del runners
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    return rows
+    return times
+
+
+def report(case: Case, times: dict[tuple[str, bool], list[float]], peak_tflops: float) -> None:
+    """One line per variant: median img/s, utilisation, and the median (min-max) of per-round speed ratios."""
+    train_flops = flops(ViTConfig.from_name(case.name, img_size=case.img, num_classes=1000))["train_flops"]
+
+    def ratio(num: list[float], den: list[float]) -> str:
+        # Paired by round (both ran back to back), so a slow spell shifts the pair, not the ratio.
+        rs = sorted(d / n for n, d in zip(num, den))
+        return f"{statistics.median(rs):.2f}x ({rs[0]:.2f}-{rs[-1]:.2f})"
+
+    for (kind, comp), ts in times.items():
+        ips = case.batch / statistics.median(ts)
+        util = ips * train_flops / 1e12 / peak_tflops
+        same = times.get(("hf", comp))
+        label = kind + (" +compile" if comp else "")
+        print(f"{case.name + '@' + str(case.img) + ' b' + str(case.batch):<20} {label:<18} {ips:>9.{1 if ips >= 10 else 2}f} "
+              f"{100 * util:>9.1f}% {ratio(ts, times[('hf', False)]):>18} "
+              f"{ratio(ts, same) if same else '-':>18}", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -190,32 +216,30 @@ def main() -> None:
         raise SystemExit("--dtype bf16 is for CUDA; CPU figures are fp32")
     cases = args.cases or (["B/16@224:256", "H/14@224:64"] if cuda else ["Ti/4@32:64", "B/16@224:4"])
     args.steps = args.steps or (10 if cuda else 2)
-    args.rounds = args.rounds or (5 if cuda else 3)
+    args.rounds = args.rounds or (5 if cuda else 7)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     import transformers  # test extra; imported late so --help works without it
 
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-        measured = matmul_peak_tflops("cuda", torch.bfloat16)
-        peak = args.peak_tflops
-        print(f"device: {device_name('cuda')}; bf16 4096² matmul {measured:.0f} TFLOP/s; MFU vs {peak:.0f} TFLOP/s")
+        measured = MatmulPeak("cuda", torch.bfloat16).tflops
+        print(f"device: {device_name('cuda')}; bf16 4096² matmul {measured:.0f} TFLOP/s; "
+              f"MFU vs {args.peak_tflops:.0f} TFLOP/s")  # fmt: skip
+        peak = None
     else:
         tuned = not args.default_malloc and keep_freed_memory()
-        peak = matmul_peak_tflops("cpu", torch.float32)
-        print(f"device: {device_name('cpu')}; fp32 4096² matmul peak {peak * 1e3:.0f} GFLOP/s; "
-              f"malloc {'keeps freed memory (mallopt)' if tuned else 'default'}")  # fmt: skip
+        peak = MatmulPeak("cpu", torch.float32)
+        print(f"device: {device_name('cpu')}; malloc {'keeps freed memory (mallopt)' if tuned else 'default'}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, dtype {args.dtype}")
-    util = "MFU" if cuda else "% of matmul peak"
-    print(f"{'case':<20} {'model':<18} {'img/s':>9} {util:>17} {'vs HF eager':>12} {'vs HF same mode':>16}")
+    print("ratios: median over rounds of the per-round speed ratio (min-max); img/s: median round")
     for c in cases:
-        rows = bench_case(Case.parse(c), args, transformers, peak)
-        base = next(b for b in rows if b["model"] == "hf" and not b["compile"])
-        for r in rows:  # printed per case so a run cut short still reports what it measured
-            same = next((b for b in rows if b["model"] == "hf" and b["compile"] == r["compile"]), None)
-            label = r["model"] + (" +compile" if r["compile"] else "")
-            vs_same = f"{r['ips'] / same['ips']:>15.2f}x" if same else f"{'-':>16}"
-            print(f"{r['case']:<20} {label:<18} {r['ips']:>9.1f} {100 * r['util']:>16.1f}% "
-                  f"{r['ips'] / base['ips']:>11.2f}x {vs_same}", flush=True)  # fmt: skip
+        case = Case.parse(c)
+        times = bench_case(case, args, transformers, peak)
+        if peak is not None:
+            print(f"fp32 4096² matmul peak so far: {peak.tflops * 1e3:.0f} GFLOP/s")
+        util = "MFU" if cuda else "% of peak"
+        print(f"{'case':<20} {'model':<18} {'img/s':>9} {util:>10} {'vs HF eager':>18} {'vs HF same mode':>18}")
+        report(case, times, peak.tflops if peak is not None else args.peak_tflops)  # per case: a run cut short
 
 
 if __name__ == "__main__":

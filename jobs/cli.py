@@ -19,6 +19,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="ViT pretraining and evaluation pipeline: shards -> DeepSpeed/Ray -> few-shot/fine-tune -> MLflow.")
 console = Console()
 
+
+def print_table(table: Table) -> None:
+    """Print a table whole: piped or redirected output is not cut to an 80-column default."""
+    (console if console.is_terminal else Console(width=200)).print(table)
+
 # Errors a user causes (bad key, missing folder, unknown recipe or run): one line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
 
@@ -94,7 +99,7 @@ def _print_summary(summary, seconds: float) -> None:
         table.add_column(col)
     for name, res in summary.results.items():
         table.add_row(name, summary.statuses.get(name, ""), f"{res.seconds:.1f}", res.url)
-    console.print(table)
+    print_table(table)
     if summary.ui_hint:
         console.print(f"MLflow: [bold]{summary.ui_hint}[/]  (parent run {summary.mlflow_run_id})")
 
@@ -109,7 +114,7 @@ def recipes() -> None:
     table.add_column("description")
     for name, fn in sorted(RECIPES.items()):
         table.add_row(name, (fn.__doc__ or "").strip().split("\n")[0])
-    console.print(table)
+    print_table(table)
 
 
 @app.command("config")
@@ -129,16 +134,23 @@ def show_config(recipe: str = typer.Argument("demo"),
 @app.command()
 def models(img_size: int = typer.Option(224, help="Resolution for the FLOPs column.")) -> None:
     """List the ViT variants with parameters and GFLOPs.  Example: vitpipe models --img-size 384"""
-    from vitpipe.models import variant_table
+    from vitpipe.models import CANONICAL_NAMES, variant_table
 
+    if img_size <= 0:
+        _fail(f"--img-size must be positive, got {img_size}")
     rows = variant_table(img_size=img_size)
+    if not rows:
+        _fail(f"no variant's patch size divides {img_size}px")
     table = Table(title=f"ViT variants at {img_size}px (1000-class head)")
-    for col in rows[0]:
-        table.add_column(str(col))
+    for col, v in rows[0].items():
+        table.add_column(str(col), no_wrap=True, min_width=len(str(col)), justify="right" if isinstance(v, (int, float)) else "left")
     for r in rows:
         table.add_row(*[f"{v:,}" if isinstance(v, int) else (f"{v:.2f}" if isinstance(v, float) else str(v))
                         for v in r.values()])
-    console.print(table)
+    print_table(table)
+    skipped = [n for n in CANONICAL_NAMES if n not in {r["name"] for r in rows}]
+    if skipped:
+        console.print(f"not at {img_size}px (the patch size does not divide it): {', '.join(skipped)}")
 
 
 @app.command()
@@ -152,7 +164,7 @@ def runs(store: str = typer.Option("runs", help="Store root.")) -> None:
     for r in Store(store).list_runs():
         stages = ", ".join(f"{k}:{v.get('status')}" for k, v in r.get("stages", {}).items())
         table.add_row(r["run_id"], r.get("recipe", ""), r.get("status", ""), r.get("started", ""), stages)
-    console.print(table)
+    print_table(table)
 
 
 @app.command()

@@ -78,9 +78,12 @@ def flops(cfg: ViTConfig, img_size: int | tuple[int, int] | None = None) -> dict
 
 
 def variant_table(img_size: int = 224, num_classes: int = 1000) -> list[dict[str, Any]]:
-    """Rows ``{name, width, depth, heads, mlp_dim, seq_len, params, gmacs, gflops}`` for the canonical variants."""
+    """Rows ``{name, width, depth, heads, mlp_dim, seq_len, params, gmacs, gflops}`` for the canonical variants
+    whose patch size divides ``img_size`` (the others have no model at that resolution)."""
     rows = []
     for name in CANONICAL_NAMES:
+        if img_size % ViTConfig.from_name(name).patch_size:
+            continue
         cfg = ViTConfig.from_name(name, img_size=img_size, num_classes=num_classes)
         f = flops(cfg)
         rows.append(
