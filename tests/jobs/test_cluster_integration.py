@@ -5,25 +5,12 @@ scheduled are reported with their causes; secrets never leave the submitter."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
+import cluster_services as svcmod
 import pytest
 
-_spec = importlib.util.spec_from_file_location("vitpipe_cluster_services_mod",
-                                               Path(__file__).with_name("test_cluster_services.py"))
-svcmod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(svcmod)
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def svc(request, tmp_path_factory):
-    if not svcmod.CIFAR10.joinpath("train").is_dir():
-        pytest.skip(f"CIFAR-10 JPEG folders not found at {svcmod.CIFAR10}")
-    return svcmod.services(request, tmp_path_factory)
 
 
 def _mlflow(svc):

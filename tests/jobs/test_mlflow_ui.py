@@ -8,7 +8,6 @@ runs as root with apt-get, else skips saying so. Set VITPIPE_UI_SCREENSHOTS=DIR 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -16,12 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import cluster_services as svcmod
 import pytest
-
-_spec = importlib.util.spec_from_file_location("vitpipe_cluster_services_mod",
-                                               Path(__file__).with_name("test_cluster_services.py"))
-svcmod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(svcmod)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,13 +50,6 @@ def _browse(chromium: str, url: str, *, screenshot: Path | None = None, budget_m
 def _text(html: str) -> str:
     html = re.sub(r"<(style|script)\b.*?</\1>", " ", html, flags=re.S)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
-
-
-@pytest.fixture(scope="module")
-def svc(request, tmp_path_factory):
-    if not svcmod.CIFAR10.joinpath("train").is_dir():
-        pytest.skip(f"CIFAR-10 JPEG folders not found at {svcmod.CIFAR10}")
-    return svcmod.services(request, tmp_path_factory)
 
 
 def test_mlflow_ui_shows_parent_children_chart_and_figure(svc, tmp_path):

@@ -14,18 +14,14 @@ a checkpoint or output left only in a node's scratch would break the resume belo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import time
 from pathlib import Path
 
+import cluster_services as svcmod
 import pytest
 
-_spec = importlib.util.spec_from_file_location("vitpipe_cluster_services_mod",
-                                               Path(__file__).with_name("test_cluster_services.py"))
-svcmod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(svcmod)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,10 +1,9 @@
-"""Real services for the cluster tests (no tests here): a loopback Ray head (+ nodes joined to it, which a test can
-lose at once with ``RayNode.kill``) and an MLflow server, each in its own process group and temp dir so they never
-touch another session's Ray or MLflow (never `ray stop`).
+"""Real services for the cluster tests (helpers, no tests): a loopback Ray head (+ nodes joined to it, which a test
+can lose at once with ``RayNode.kill``) and an MLflow server, each in its own process group and temp dir so they
+never touch another session's Ray or MLflow (never `ray stop`).
 
-``services(tmp_path_factory)`` returns one shared instance per pytest session (test_cluster.py and
-test_mlflow_ui.py both use it), registered in ``sys.modules`` because each test module loads this file by path;
-test_multinode.py builds its own (a 1-CPU head, no MLflow server).
+The ``svc`` fixture (tests/jobs/conftest.py) shares one instance per pytest session between
+test_cluster_integration.py and test_mlflow_ui.py; test_multinode.py builds its own (a 1-CPU head, no MLflow).
 
 Exposure: Ray binds the GCS and node ports with --node-ip-address=127.0.0.1, but the GCS listens on all interfaces;
 the dashboard/job server and MLflow listen on 127.0.0.1 only. Auth mode is explicit (RAY_AUTH_MODE=disabled here).
@@ -27,7 +26,6 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-NAME = "vitpipe_cluster_services"
 
 
 def free_ports(n: int) -> list[int]:
@@ -236,20 +234,6 @@ class Services:
         if self.mlflow:
             self.mlflow.stop()
         subprocess.run(["rm", "-rf", self.ray_tmp], check=False)
-
-
-def services(request, tmp_path_factory) -> Services:
-    """The session's shared services (started on first use, stopped at session end)."""
-    holder = sys.modules.setdefault(NAME, type(sys)(NAME))
-    if getattr(holder, "instance", None) is None:
-        holder.instance = Services(tmp_path_factory.mktemp("cluster"))
-
-        def stop() -> None:
-            holder.instance.stop()
-            holder.instance = None
-
-        request.session.config.add_cleanup(stop)
-    return holder.instance
 
 
 def wait_for(pred, timeout: float, what: str, poll: float = 2.0):
