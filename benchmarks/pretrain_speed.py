@@ -118,6 +118,8 @@ def synthetic(batch: int, img: int, classes: int, device: str):
 
 
 def gpu(args) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
     peak = args.peak_tflops * 1e12
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, peak {args.peak_tflops} TFLOP/s bf16")
     rows = []
