@@ -5,7 +5,7 @@ round by round so that background load hits them alike; figures are the median r
 ``train_flops/img × img/s`` (analytic, ``vitpipe.models.flops``) over the peak: on CPU a 4096² fp32 matmul
 timed in this run, on CUDA ``--peak-tflops`` (H100 dense bf16: 989).
 
-    python benchmarks/model_speed.py                                   # CPU fp32: Ti/4@32 b64, B/16@224 b4
+    python benchmarks/model_speed.py                                   # CPU fp32: Ti/4@32 b64, B/16@224 b4 and b8
     python benchmarks/model_speed.py --compile                         # adds torch.compile rows
     python benchmarks/model_speed.py --device cuda --dtype bf16 --compile   # B/16 and H/14 on one GPU
 """
@@ -214,7 +214,7 @@ def main() -> None:
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     if args.dtype == "bf16" and not cuda:
         raise SystemExit("--dtype bf16 is for CUDA; CPU figures are fp32")
-    cases = args.cases or (["B/16@224:256", "H/14@224:64"] if cuda else ["Ti/4@32:64", "B/16@224:4"])
+    cases = args.cases or (["B/16@224:256", "H/14@224:64"] if cuda else ["Ti/4@32:64", "B/16@224:4", "B/16@224:8"])
     args.steps = args.steps or (10 if cuda else 2)
     args.rounds = args.rounds or (5 if cuda else 7)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)

@@ -52,7 +52,6 @@ class PretrainStage:
     def run(self, cfg: Any, ctx: StageContext) -> StageResult:
         from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
-        from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
         p = cfg.pretrain
         manifest_url = ctx.inputs["ingest"].path("manifest")
@@ -89,7 +88,7 @@ class PretrainStage:
         try:
             result = trainer.fit()
         except ControllerError as e:
-            if not isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+            if not _is_placement_timeout(e.controller_failure):
                 raise
             raise RuntimeError(_unplaced(p, attempts * attempt_s, ctx)) from e
         if result.error:
@@ -103,6 +102,12 @@ class PretrainStage:
                            artifacts={"model": "model.pt", "model_config": "model.json"},
                            info={"checkpoint": ckpt_path, "num_classes": manifest.num_classes,
                                  "classes": manifest.classes})
+
+
+def _is_placement_timeout(err: BaseException | None) -> bool:
+    """Ray Train gave up placing the worker group. Its class lives in ``ray.train.v2._internal`` (not public API),
+    so it is matched by name: a module Ray moves cannot break the stage."""
+    return any(c.__name__ == "WorkerGroupStartupTimeoutError" for c in type(err).__mro__)
 
 
 def _unplaced(p: Any, waited_s: float, ctx: StageContext) -> str:

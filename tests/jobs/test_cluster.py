@@ -203,3 +203,12 @@ def test_placement_timeout_counts_ray_train_attempts(monkeypatch):
     assert placement_attempts(30) == (6, 5.0)
     with pytest.raises(ValueError, match="placement_timeout_s must be > 0"):
         apply_overrides(get_recipe("tiny"), ["pretrain.placement_timeout_s=0"])
+
+
+def test_placement_timeout_is_recognised_from_ray_trains_own_error():
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    from vitpipe.jobs.stages.pretrain import _is_placement_timeout
+
+    assert _is_placement_timeout(WorkerGroupStartupTimeoutError(num_workers=2))
+    assert not _is_placement_timeout(RuntimeError("worker died")) and not _is_placement_timeout(None)
