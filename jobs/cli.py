@@ -245,6 +245,8 @@ _register_extensions()
 def main() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Registering the model re-reads its artifacts; MLflow's per-file download bars would interleave with ours.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         app()
     except KeyboardInterrupt:

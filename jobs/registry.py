@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,9 @@ try:
     _Base = mlflow.pyfunc.PythonModel
 except ImportError:  # pragma: no cover
     _Base = object
+
+# What log_model records instead of a cloudpickle of the class: a script that builds the model from installed code.
+ENTRY_SCRIPT = Path(__file__).with_name("pyfunc_entry.py")
 
 
 class ViTClassifier(_Base):
@@ -35,7 +39,7 @@ class ViTClassifier(_Base):
         self.model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
         self.classes = meta.get("classes")
 
-    def predict(self, context, model_input, params=None):  # untyped: MLflow would read hints as a schema
+    def predict(self, context, model_input, params=None):  # untyped: no one MLflow schema covers both inputs
         import torch
 
         x = np.asarray(model_input)
@@ -66,12 +70,12 @@ def register_model(tracking_uri: str, run_id: str, pretrain_url: str, name: str,
                 dst.write(src.read())
             files[key] = local
         if classes is not None:
-            meta = json.load(open(files["config"]))
+            meta = json.loads(Path(files["config"]).read_text())
             meta["classes"] = classes
-            json.dump(meta, open(files["config"], "w"))
+            Path(files["config"]).write_text(json.dumps(meta))
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=ViTClassifier(), artifacts=files, registered_model_name=name,
+                name="model", python_model=str(ENTRY_SCRIPT), artifacts=files, registered_model_name=name,
                 pip_requirements=[f"vitpipe=={__version__}"], await_registration_for=30)
     return f"models:/{name}/{info.registered_model_version}"

@@ -9,6 +9,7 @@ import shutil
 import signal
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -36,6 +37,9 @@ def pretrain_worker(spec: dict) -> None:
     import ray.train.torch
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # DeepSpeed's ZeRO step calls all_gather_into_tensor, deprecated since torch 2.13: a FutureWarning per rank and
+    # step would bury the progress lines (Ray prints each worker's stderr).
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     p: PretrainConfig = from_dict(PretrainConfig, spec["pretrain"])

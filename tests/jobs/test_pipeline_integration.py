@@ -64,6 +64,8 @@ def test_tiny_pipeline_runs_caches_and_reruns_one_stage(tmp_path, cifar10_root, 
     uri = first.results["report"].info["registered_model"]
     assert uri.startswith("models:/vitpipe-tiny/")
     clf = mlflow.pyfunc.load_model(uri)
+    # logged as code (jobs/pyfunc_entry.py), not as a cloudpickle of the class
+    assert clf.metadata.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     imgs = np.stack([np.asarray(Image.open(p).convert("RGB"))
                      for p in sorted((cifar10_root / "test" / "cat").glob("*.jpg"))[:4]])
     probs = clf.predict(imgs)
