@@ -24,6 +24,7 @@ def print_table(table: Table) -> None:
     """Print a table whole: piped or redirected output is not cut to an 80-column default."""
     (console if console.is_terminal else Console(width=200)).print(table)
 
+
 # Errors a user causes (bad key, missing folder, unknown recipe or run): one line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
 
@@ -143,7 +144,8 @@ def models(img_size: int = typer.Option(224, help="Resolution for the FLOPs colu
         _fail(f"no variant's patch size divides {img_size}px")
     table = Table(title=f"ViT variants at {img_size}px (1000-class head)")
     for col, v in rows[0].items():
-        table.add_column(str(col), no_wrap=True, min_width=len(str(col)), justify="right" if isinstance(v, (int, float)) else "left")
+        numeric = isinstance(v, (int, float))
+        table.add_column(str(col), no_wrap=True, min_width=len(str(col)), justify="right" if numeric else "left")
     for r in rows:
         table.add_row(*[f"{v:,}" if isinstance(v, int) else (f"{v:.2f}" if isinstance(v, float) else str(v))
                         for v in r.values()])
