@@ -181,14 +181,14 @@ def report(case: Case, times: dict[tuple[str, bool], list[float]], peak_tflops: 
         rs = sorted(d / n for n, d in zip(num, den))
         return f"{statistics.median(rs):.2f}x ({rs[0]:.2f}-{rs[-1]:.2f})"
 
+    name = f"{case.name}@{case.img} b{case.batch}"
     for (kind, comp), ts in times.items():
         ips = case.batch / statistics.median(ts)
         util = ips * train_flops / 1e12 / peak_tflops
         same = times.get(("hf", comp))
         label = kind + (" +compile" if comp else "")
-        print(f"{case.name + '@' + str(case.img) + ' b' + str(case.batch):<20} {label:<18} {ips:>9.{1 if ips >= 10 else 2}f} "
-              f"{100 * util:>9.1f}% {ratio(ts, times[('hf', False)]):>18} "
-              f"{ratio(ts, same) if same else '-':>18}", flush=True)  # fmt: skip
+        print(f"{name:<20} {label:<18} {ips:>9.{1 if ips >= 10 else 2}f} {100 * util:>9.1f}% "
+              f"{ratio(ts, times[('hf', False)]):>18} {ratio(ts, same) if same else '-':>18}", flush=True)
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ from pathlib import Path
 import cluster_services as svcmod
 import pytest
 
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STEPS, EVERY = 12, 4
