@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test install install-test lint bench clean
+.PHONY: demo demo-time test install install-test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
 	$(BIN)/vitpipe run demo
+
+# The demo as a fresh clone meets it (new store, empty torch extension cache), each stage's seconds and the total
+# next to a bare-loop throughput measured in the same run (benchmarks/demo_time.py).
+demo-time: $(VENV)/.installed
+	$(BIN)/python benchmarks/demo_time.py
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

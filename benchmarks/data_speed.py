@@ -1,6 +1,6 @@
 """Images/s of the shard stream vs (a) a bare PIL decode+crop loop and (b) a folder-of-JPEGs DataLoader.
 
-    python benchmarks/data_speed.py [--cifar-per-class 500] [--workers 2] [--rounds 2]
+    python benchmarks/data_speed.py [--cifar-per-class 500] [--workers 2] [--rounds 2] [--sections loaders,aug]
 
 Reports wall-clock img/s and img per CPU-second (this process + loader workers); the per-core target compares
 the latter, which a busy shared machine distorts far less. For the multi-process loaders it reports both the whole
@@ -9,11 +9,17 @@ workers start once per training run). Both at CIFAR size (32 px, ../shared/data/
 ../shared/data/hymenoptera: 396 photos up to 2592x1984, ingested with resize_short=256). All numbers come from this one run on this machine;
 the ratios are what matter. Targets (issue 4): stream >= 0.9x (a) per core; >= 1.5x (b) at photo size and
 >= 1.2x (b) at CIFAR size.
+
+The `aug` section prices each augmentation per image, in one process and one thread: the stream's decode + crop +
+flip alone, with RandAugment(2, m) at a few magnitudes (and each RandAugment op alone on a decoded crop), and
+Mixup / CutMix per batch on top, as img/CPU-s and as a ratio to decode + crop + flip, so a recipe's data cost is
+known before it runs on a cluster.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import resource
 import os
 import tempfile
@@ -24,8 +30,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitpipe.pipeline import ImageTransform, IngestConfig, ShardStream, StreamConfig, ingest
-from vitpipe.pipeline.reader import parse_shard
+from vitpipe.pipeline import ImageTransform, IngestConfig, ShardStream, StreamConfig, ingest, mix_batch
+from vitpipe.pipeline.augment import OPS, op_args
+from vitpipe.pipeline.tars import parse_shard
 from vitpipe.pipeline.sources import list_image_folder
 from vitpipe.pipeline.transforms import SplitMix64, normalize_batch, rrc_box
 
@@ -189,6 +196,85 @@ def bench(name, src, split, limit, size, resize_short, batch, epochs, workers, r
     return wall, cpu
 
 
+def _jpegs(folder: Path, n: int, resize_short: int | None) -> list[bytes]:
+    """The first n JPEGs of `folder/*/*.jpg`, cycling; shrunk to `resize_short` and re-encoded like ingest does."""
+    paths = sorted(folder.glob("*/*.jpg"))
+    out = []
+    for path in paths[: min(n, len(paths))]:
+        if resize_short is None:
+            out.append(path.read_bytes())
+            continue
+        img = Image.open(path).convert("RGB")
+        s = resize_short / min(img.size)
+        if s < 1:
+            img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=95)
+        out.append(buf.getvalue())
+    return [out[i % len(out)] for i in range(n)]
+
+
+def _per_image(tf: ImageTransform, datas: list[bytes]) -> float:
+    """img per CPU-second of `tf.to_uint8` over `datas` (the per-sample RNG the stream uses)."""
+    with Meter() as m:
+        for i, d in enumerate(datas):
+            tf.to_uint8(d, SplitMix64(i))
+    return len(datas) / max(m.cpu, 1e-9)
+
+
+def aug_cost(name, datas, size, batch, rounds, magnitudes=(0, 10, 15, 20)) -> dict:
+    """Per-image CPU cost of each augmentation at `size` px; best of `rounds` interleaved rounds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core: intra-op threads on small batches only add spinning
+    try:
+        crops = [ImageTransform(size, train=True).to_uint8(d, SplitMix64(i)) for i, d in enumerate(datas)]
+        x = normalize_batch(np.stack(crops[:batch] * (-(-batch // len(crops))))[:batch], (0.5,) * 3, (0.5,) * 3)
+        y = torch.arange(batch) % 10
+        n_batches = max(4, len(datas) // batch)
+        rate: dict[str, float] = {}
+
+        def best(key, value):
+            rate[key] = max(rate.get(key, 0.0), value)
+
+        for _ in range(rounds):
+            best("base", _per_image(ImageTransform(size, train=True), datas))
+            for m in magnitudes:
+                best(f"ra{m}", _per_image(ImageTransform(size, train=True, randaug_num_ops=2, randaug_magnitude=m),
+                                          datas))
+            for op in OPS:  # one op on decoded crops: which ops a recipe pays for
+                rng = SplitMix64(0)
+                with Meter() as mt:
+                    for c in crops:
+                        pil = Image.fromarray(np.ascontiguousarray(c))
+                        np.asarray(OPS[op](pil, *op_args(op, 10, pil.size, rng)))
+                best(f"op:{op}", len(crops) / max(mt.cpu, 1e-9))
+            for kind, kw in (("mixup", dict(mixup_alpha=0.2)), ("cutmix", dict(cutmix_alpha=1.0))):
+                with Meter() as mt:
+                    for step in range(n_batches):
+                        mix_batch(x, y, num_classes=10, label_smoothing=0.1, seed=0, step=step, **kw)
+                best(kind, n_batches * batch / max(mt.cpu, 1e-9))
+    finally:
+        torch.set_num_threads(threads)
+    base = rate["base"]
+    print(f"\n== augmentation cost, {name}: {len(datas)} images -> {size}px, 1 process, 1 thread, best of {rounds} "
+          f"rounds, load avg now {os.getloadavg()[0]:.1f}")
+    print(f"{'':52s} {'img/CPU-s':>10s} {'vs base':>8s}")
+    print(f"{'decode + crop + flip (base)':52s} {base:10.0f} {1.0:8.2f}")
+    for m in magnitudes:
+        print(f"{f'base + RandAugment(2, {m})':52s} {rate[f'ra{m}']:10.0f} {rate[f'ra{m}'] / base:8.2f}")
+    for kind in ("mixup", "cutmix"):
+        both = 1.0 / (1.0 / base + 1.0 / rate[kind])  # a batch op's per-image cost adds to the decode's
+        print(f"{f'base + {kind} (batch {batch}, on CPU; alone {rate[kind]:.0f} img/CPU-s)':52s} {both:10.0f} "
+              f"{both / base:8.2f}")
+    print(f"one RandAugment op at magnitude 10 on a decoded {size}px crop, img/CPU-s (x base: its cost per image "
+          f"in units of a decode):")
+    ops = sorted((k[3:] for k in rate if k.startswith("op:")), key=lambda o: rate[f"op:{o}"])
+    for i in range(0, len(ops), 4):
+        print("  " + "  ".join(f"{o:>12s} {rate[f'op:{o}']:8.0f} ({base / rate[f'op:{o}']:.2f}x)"
+                               for o in ops[i:i + 4]))
+    return rate
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cifar-per-class", type=int, default=500)
@@ -196,9 +282,24 @@ def main() -> None:
     p.add_argument("--cifar-epochs", type=int, default=4)
     p.add_argument("--photo-epochs", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--sections", default="loaders,aug", help="comma list of: loaders (stream vs baselines), aug "
+                   "(per-image augmentation cost)")
+    p.add_argument("--aug-images", type=int, default=2000, help="images per measurement of the aug section at "
+                   "CIFAR size (a tenth of it at photo size)")
     args = p.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= {"loaders", "aug"}:
+        p.error(f"--sections: unknown {sorted(sections - {'loaders', 'aug'})}; choose from loaders, aug")
     print(f"CPU: {cpu_model()} x {os.cpu_count()} | torch {torch.__version__} | "
           f"load avg {os.getloadavg()[0]:.1f} (other processes share these cores: compare img/CPU-s)")
+    if "aug" in sections:
+        if (DATA / "cifar10" / "train").is_dir():
+            aug_cost("cifar10", _jpegs(DATA / "cifar10" / "train", args.aug_images, None), 32, 128, args.rounds)
+        if (DATA / "hymenoptera" / "train").is_dir():
+            aug_cost("hymenoptera", _jpegs(DATA / "hymenoptera" / "train", max(8, args.aug_images // 10), 256), 224,
+                     32, args.rounds)
+    if "loaders" not in sections:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if (DATA / "cifar10" / "train").is_dir():
             bench("cifar10", DATA / "cifar10", "train", args.cifar_per_class, 32, None, 128, args.cifar_epochs, args.workers,

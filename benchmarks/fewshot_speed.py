@@ -4,6 +4,9 @@
    (numpy) and scikit-learn's RidgeClassifier per λ, at CIFAR-like and ImageNet-like few-shot sizes.
 2. Embedding: decoding the next batch in a thread while the model embeds (ours) vs decode-then-embed serially.
 3. Feature cache: a rerun with more shots (embeds only new train images) vs the same run without a cache.
+4. In-training evaluation (the demo recipe's ``pretrain.evals``): seconds per evaluation on rank 0 against the
+   demo's training step (forward + backward + AdamW of one rank's micro-batch on its thread), as the share of
+   training time that evaluation stalls the workers at the demo's ``every``.
 
     OPENBLAS_NUM_THREADS=2 .venv/bin/python benchmarks/fewshot_speed.py --threads 2 [--quick]
 
@@ -141,14 +144,86 @@ def bench_cache(task, test_n: int) -> None:
           f"{t_rerun:6.2f} s vs {t_uncached:6.2f} s without ({t_uncached / t_rerun:5.1f}x faster)")
 
 
+def bench_in_training(recipe: str = "demo", rounds: int = 2, overrides: tuple[str, ...] = ()) -> None:
+    """The in-training evaluation's cost (jobs/train/evaluation.py, the code the callback runs) vs one training step
+    of the same model, both measured here, now: the share is ``eval_s / (every * step_s)``."""
+    import types
+
+    from vitpipe.jobs.config import build_config
+    from vitpipe.jobs.train.evaluation import InTrainingEval, prepare_evals
+
+    cfg = build_config(recipe, list(overrides))
+    p, mcfg = cfg.pretrain, cfg.model
+    ev = prepare_evals(p.evals)
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    vit = create(mcfg)
+    # one rank's step: its micro-batches (global / (micro * workers)) through forward, backward and AdamW on its
+    # worker's threads (demo: 2 workers of 1 thread on 2 cores)
+    accum = max(1, p.global_batch // (p.micro_batch * p.num_workers))
+    opt = torch.optim.AdamW(vit.parameters(), lr=1e-4)
+    x = torch.randn(p.micro_batch, 3, *mcfg.img_hw)
+    y = torch.randint(0, mcfg.num_classes, (p.micro_batch,))
+
+    def step():
+        for _ in range(accum):
+            torch.nn.functional.cross_entropy(vit(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def timed_step() -> float:
+        torch.set_num_threads(p.threads_per_worker or p.cpus_per_worker)
+        try:
+            return best_of(step, 3)
+        finally:
+            torch.set_num_threads(threads)
+
+    step()
+    engine = types.SimpleNamespace(zero_optimization_stage=lambda: p.zero_stage or 0, module=vit)
+    tr = types.SimpleNamespace(rank=0, state=types.SimpleNamespace(step=0), p=p, engine=engine, vit=vit, mcfg=mcfg,
+                               device=torch.device("cpu"), tracker=None, mpp=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        cb = InTrainingEval(ev, tmp, rank=0)
+        t0 = time.perf_counter()
+        cb.on_train_start(tr)  # decodes the images once (kept), then evaluates step 0
+        setup_s = time.perf_counter() - t0 - cb.last_s
+        evals, steps = [cb.last_s], [timed_step()]
+        for r in range(1, rounds):  # interleaved, so load from other processes hits both alike
+            tr.state.step = r * ev.every
+            cb.on_step_end(tr)
+            evals.append(cb.last_s)
+            steps.append(timed_step())
+    step_s, eval_s = float(np.median(steps)), float(np.median(evals))
+    n_evals = p.steps // ev.every + (p.steps % ev.every > 0)
+    shares = [e / (ev.every * t) for e, t in zip(evals, steps)]  # per round: an eval and the steps right after it
+    share = float(np.median(shares))
+    names = [t.partition("=")[0] for t in ev.tasks]
+    print(f"  {recipe}: {len(ev.tasks)} task(s) {names}, {len(ev.shots)} shot counts x {len(ev.seeds)} seeds, up to "
+          f"{ev.test_limit} scored images each, {ev.threads or threads} thread(s)")
+    print(f"  one evaluation {eval_s:6.2f} s (first decode of its images {setup_s:5.2f} s, once per attempt) | "
+          f"training step {step_s * 1e3:7.1f} ms (ViT width {mcfg.width} depth {mcfg.depth}, micro-batch "
+          f"{p.micro_batch} x {accum}, {p.threads_per_worker or p.cpus_per_worker} thread(s))")
+    print(f"  in-training evaluation share of training step time: {100 * share:.1f}% at every={ev.every} (rounds "
+          f"{100 * min(shares):.1f}-{100 * max(shares):.1f}%; {n_evals} evaluations over {p.steps} steps plus step 0; "
+          f"bound max_stall={ev.max_stall})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
+    ap.add_argument("--only-in-training", action="store_true", help="run only part 4 (in-training evaluation)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override of the demo recipe for part 4, e.g. pretrain.evals.threads=1 (repeatable)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_model()} ({torch.get_num_threads()} torch threads), torch {torch.__version__}")
+    print(f"CPU: {cpu_model()} ({torch.get_num_threads()} torch threads), torch {torch.__version__}, load average "
+          f"{os.getloadavg()[0]:.1f}")
+    if args.only_in_training:
+        print("4. in-training evaluation (demo recipe)")
+        bench_in_training(rounds=2 if args.quick else 3, overrides=tuple(args.set))
+        return
     print(f"1. ridge, {len(LAMBDAS)}-point λ sweep (fit + predict), best of 3")
     bench_ridge(n=250, d=192, c=10, m=10_000)                      # CIFAR-10 25-shot, Ti features
     bench_ridge(n=250, d=768, c=10, m=10_000)                      # CIFAR-10 25-shot, B features (dual case)
@@ -164,6 +239,8 @@ def main() -> None:
     bench_embed(task, n=1024 if not args.quick else 512)
     print("3. feature cache")
     bench_cache(task, test_n=2000 if not args.quick else 500)
+    print("4. in-training evaluation (demo recipe)")
+    bench_in_training(rounds=2 if args.quick else 3, overrides=tuple(args.set))
 
 
 if __name__ == "__main__":

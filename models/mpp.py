@@ -57,6 +57,10 @@ class MaskedPatchPrediction(nn.Module):
         nn.init.zeros_(self.mpp_head.weight)
         nn.init.zeros_(self.mpp_head.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """The encoder's names (under ``vit.``) and the mask token."""
+        return {"mask_token", *(f"vit.{n}" for n in self.vit.no_weight_decay())}
+
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Corrupt the patch embeddings and run the encoder: (tokens (B, prefix+N, D), corrupted (B, N))."""
@@ -84,7 +88,10 @@ class MaskedPatchPrediction(nn.Module):
         tokens, corrupted = self.encode(images, generator)
         logits = self.mpp_head(tokens[:, self.vit.num_prefix_tokens:]).float()
         target = mean_colour_targets(images, self.vit.cfg.patch_size, self.bits)
-        sel_logits, sel_target = logits[corrupted], target[corrupted]
-        loss = F.cross_entropy(sel_logits, sel_target)
-        acc = (sel_logits.argmax(-1) == sel_target).float().mean()
+        # masked means, not boolean indexing: indexing by a mask sizes its output on the host (a device sync per step)
+        mask = corrupted.float()
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(mask)
+        count = mask.sum().clamp_min(1.0)
+        loss = (ce * mask).sum() / count
+        acc = ((logits.argmax(-1) == target).float() * mask).sum() / count
         return loss, acc.detach()

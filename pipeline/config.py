@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+
+from .augment import MAX_MAGNITUDE
+from .fields import result_dict, runtime_field
 
 
 @dataclass(kw_only=True)
@@ -22,9 +25,9 @@ class IngestConfig:
     """With `resize_short`, also store the untouched source bytes as `<key>.orig.<ext>`."""
     quality: int = 95
     """JPEG quality when an image has to be re-encoded (resized, or not a JPEG at the source)."""
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: float = runtime_field(0.01)
     """Stop with `IngestError` when more than this fraction of the source items is bad (corrupt, unreadable...)."""
-    num_workers: int = 2
+    num_workers: int = runtime_field(2)
     """Processes writing shards in parallel (0 or 1: in-process)."""
     limit_per_class: int | None = None
     """Keep at most this many items per class (the first ones in sorted order); None keeps all."""
@@ -34,6 +37,9 @@ class IngestConfig:
     """Fixed class map; items whose label is not in it are counted as bad `unknown_class`. None: derived."""
     multi_label: bool | None = None
     """Force multi-label shards (`<key>.labels`) even when every item has one label; None: auto-detect."""
+    verify_reused: bool = runtime_field(True)
+    """On resume, re-hash a shard whose sidecar says it is complete and rewrite it when its sha256 differs (costs one
+    read of every reused shard; False trusts the sidecar's fingerprint and the byte size alone)."""
 
     def __post_init__(self) -> None:
         if self.shard_max_samples is None and self.shard_max_bytes is None:
@@ -61,10 +67,7 @@ class IngestConfig:
 
     def output_fingerprint(self) -> dict:
         """The options that change shard contents (resume only reuses shards written with the same ones)."""
-        d = self.to_dict()
-        for k in ("num_workers", "max_bad_fraction"):
-            d.pop(k)
-        return d
+        return result_dict(self)
 
 
 @dataclass(kw_only=True)
@@ -83,7 +86,7 @@ class StreamConfig:
     """Shuffle shards and samples per epoch (False: manifest order, e.g. for feature extraction)."""
     shuffle_buffer: int = 2000
     """Block size of the deterministic block-wise sample shuffle (the analogue of a shuffle buffer)."""
-    num_workers: int = 0
+    num_workers: int = runtime_field(0)
     """torch DataLoader worker processes per rank (0: decode in the calling process)."""
     drop_last: bool = True
     """True: drop the < world*batch samples of an epoch that do not fill a global batch. False: pad by repeating
@@ -94,19 +97,35 @@ class StreamConfig:
     """Aspect-ratio range of the random-resized crop."""
     hflip: bool = True
     """Random horizontal flip (train only)."""
+    randaug_num_ops: int = 0
+    """RandAugment ops per image after crop + flip (train only; 0: off, the plain crop + flip path unchanged)."""
+    randaug_magnitude: int = 0
+    """RandAugment magnitude on the reference's level scale (10 = nominal maxima; AugReg uses 0, 10, 15, 20)."""
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     """Per-channel mean subtracted after scaling pixels to [0, 1]."""
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     """Per-channel std dividing after mean subtraction."""
-    pin_memory: bool = False
+    pin_memory: bool = runtime_field(False)
     """Pin batches in page-locked memory (only useful with a CUDA device)."""
-    prefetch_factor: int = 2
+    prefetch_factor: int = runtime_field(2)
     """Batches each loader worker prepares ahead (each worker holds prefetch_factor + 2 shared-memory slots)."""
     exclude: str | None = None
     """URL of an exclusion list (JSON `{shard name: [keys]}`, e.g. from `vitpipe.pipeline.dedup`) to skip."""
-    read_retries: int = 3
+    limit: int | None = None
+    """Stream a class-balanced subset of this many samples (after exclusions), chosen per class from a permutation
+    seeded by `limit_seed`; subsets of one seed are nested (see `vitpipe.pipeline.subset`). None: all samples."""
+    limit_seed: int = 0
+    """Seed of the `limit` subset (and of `SourceSpec.limit`); separate from `seed` so a sweep keeps its subsets."""
+    epoch_samples: int | None = None
+    """Positions per epoch of a mix of sources (`SourceSpec`), split by weight; None: the sum of the source sizes.
+    With one manifest, a fixed epoch length cycling through it."""
+    read_retries: int = runtime_field(3)
     """Attempts for a shard read that fails with a transient I/O error (exponential backoff)."""
-    storage_options: dict = field(default_factory=dict)
+    verify: bool = runtime_field(False)
+    """Check each shard's sha256 against the manifest when it is read; a mismatching shard is skipped whole, like
+    an unreadable one (counted in `failed_shards`, its samples replaced). Costs one sha256 pass over every shard
+    read (each cache miss), on the loader workers."""
+    storage_options: dict = runtime_field(default_factory=dict)
     """fsspec storage options (e.g. `{"endpoint_url": ...}` for S3-compatible stores)."""
 
     def __post_init__(self) -> None:
@@ -127,6 +146,15 @@ class StreamConfig:
             raise ValueError(f"StreamConfig.mean/std must have 3 entries and std > 0, got {self.mean}, {self.std}")
         if self.read_retries < 1:
             raise ValueError(f"StreamConfig.read_retries must be >= 1, got {self.read_retries}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"StreamConfig.limit must be >= 1, got {self.limit}")
+        if self.epoch_samples is not None and not 1 <= self.epoch_samples <= 2**31:
+            raise ValueError(f"StreamConfig.epoch_samples must be in [1, 2**31], got {self.epoch_samples}")
+        if self.randaug_num_ops < 0:
+            raise ValueError(f"StreamConfig.randaug_num_ops must be >= 0, got {self.randaug_num_ops}")
+        if not 0 <= self.randaug_magnitude <= MAX_MAGNITUDE:
+            raise ValueError(f"StreamConfig.randaug_magnitude must be in [0, {MAX_MAGNITUDE}], "
+                             f"got {self.randaug_magnitude}")
         self.rrc_scale = tuple(self.rrc_scale)
         self.rrc_ratio = tuple(self.rrc_ratio)
         self.mean = tuple(self.mean)

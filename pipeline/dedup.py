@@ -21,7 +21,7 @@ from PIL import Image
 from scipy.fft import dctn
 
 from .manifest import Manifest, url_to_fs, write_atomic
-from .reader import parse_shard
+from .tars import parse_shard
 
 log = logging.getLogger(__name__)
 

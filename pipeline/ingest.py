@@ -20,7 +20,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from .config import IngestConfig
-from .manifest import MANIFEST_NAME, Manifest, join_url, url_to_fs
+from .fsio import join_url, url_to_fs
+from .manifest import MANIFEST_NAME, Manifest
 from .shardwriter import ShardResult, write_shard
 from .sources import SourceItem, list_source
 
@@ -42,7 +43,7 @@ class IngestPlan:
     classes: list[str]
     multi_label: bool
     bad: dict[str, int] = field(default_factory=dict)
-    """Items rejected while listing (e.g. "unknown_class", "no_label", "not_image")."""
+    """Items rejected while listing (e.g. "unknown_class", "no_label", "not_image", "symlink_outside_root")."""
     num_listed: int = 0
 
     @property
@@ -89,9 +90,12 @@ def plan_shards(
 
 
 def plan_ingest(source: str, cfg: IngestConfig, storage_options: dict | None = None) -> IngestPlan:
-    """List `source`, resolve labels to a class map, apply `limit_per_class`, and plan the shards."""
-    listed, source_classes = list_source(source, cfg.split, storage_options)
+    """List `source`, resolve labels to a class map, apply `limit_per_class`, and plan the shards.
+
+    Entries the listing leaves out for safety (symlinks out of an image folder) count as bad items."""
     bad: Counter = Counter()
+    listed, source_classes = list_source(source, cfg.split, storage_options, skipped=bad)
+    n_skipped = sum(bad.values())
     if cfg.classes is not None:
         classes = list(cfg.classes)
     elif source_classes is not None:
@@ -115,7 +119,7 @@ def plan_ingest(source: str, cfg: IngestConfig, storage_options: dict | None = N
     multi = cfg.multi_label if cfg.multi_label is not None else any(len(it.labels) > 1 for it in items)
     shards = plan_shards([it.size for it in items], cfg.shard_max_samples, cfg.shard_max_bytes, cfg.seed)
     return IngestPlan(source=source, items=items, shards=shards, classes=classes, multi_label=multi,
-                      bad=dict(bad), num_listed=len(listed))
+                      bad=dict(bad), num_listed=len(listed) + n_skipped)
 
 
 def _check_bad(bad: dict[str, int], total: int, cfg: IngestConfig, where: str) -> None:
@@ -162,7 +166,8 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None, progress: bo
            storage_options: dict | None = None) -> Manifest:
     """Ingest `source` (image folder, tar/WebDataset, or list file) into shards + manifest under `dest`.
 
-    Shards already complete under `dest` (same plan) are reused, so re-running after a crash resumes.
+    Shards already complete under `dest` (same plan; sha256 re-checked unless `cfg.verify_reused` is False) are
+    reused, so re-running after a crash resumes.
     Raises `IngestError` when more than `cfg.max_bad_fraction` of the items is bad.
     """
     cfg = cfg or IngestConfig()

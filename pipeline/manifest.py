@@ -1,4 +1,5 @@
-"""The shard manifest (`manifest.json`) and the fsspec helpers every writer uses (atomic writes, URL joins)."""
+"""The shard manifest (`manifest.json`): shard list (names checked to stay inside the manifest folder), class map,
+source, options, bad-input counts, exclusions. The fsspec helpers (atomic writes, URL joins) live in `fsio`."""
 
 from __future__ import annotations
 
@@ -6,33 +7,21 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import fsspec
+# the fsspec helpers live in fsio; re-exported here, where writers have always imported them from
+from .fsio import check_relative_path, join_url, url_to_fs, write_atomic, write_bytes_atomic  # noqa: F401
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 
 
-def url_to_fs(url: str, storage_options: dict | None = None, fresh: bool = False):
-    """(filesystem, path) for any fsspec URL or plain path; `fresh` skips fsspec's instance cache (per worker)."""
-    opts = dict(storage_options or {})
-    if fresh:
-        opts["skip_instance_cache"] = True
-    return fsspec.core.url_to_fs(url, **opts)
+def check_shard_name(name: str) -> str:
+    """`name` if it is a valid shard name, else ValueError naming it.
 
-
-def join_url(base: str, name: str) -> str:
-    """`base/name` keeping the URL scheme (no os.path: URLs are not local paths)."""
-    return base.rstrip("/") + "/" + name
-
-
-def write_atomic(fs, path: str, data: bytes) -> None:
-    """Write `data` to `path` under a temporary name, then rename: readers never see a partial file."""
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    if fs.exists(path):
-        fs.rm(path)
-    fs.mv(tmp, path)
+    A shard name is a relative path inside the manifest's folder ending in `.tar`: `shard-000000.tar`, or with
+    sub-folders `train/part-0/shard-000000.tar` (segments of `[A-Za-z0-9._=+-]`, none starting with `.`). No `..`,
+    no absolute path, no `scheme://`, no backslash: a crafted manifest cannot point the reader elsewhere.
+    """
+    return check_relative_path(name, "shard name", suffix=".tar")
 
 
 @dataclass(frozen=True)
@@ -43,6 +32,9 @@ class ShardInfo:
     num_samples: int
     num_bytes: int
     sha256: str
+
+    def __post_init__(self) -> None:
+        check_shard_name(self.name)
 
 
 @dataclass
@@ -77,10 +69,10 @@ class Manifest:
         return sum(len(v) for v in self.exclude.values())
 
     def url(self, shard: ShardInfo | str | int) -> str:
-        """Full URL of a shard (by info, name or index)."""
+        """Full URL of a shard (by info, name or index); a name is checked with `check_shard_name`."""
         if isinstance(shard, int):
             shard = self.shards[shard]
-        name = shard.name if isinstance(shard, ShardInfo) else shard
+        name = shard.name if isinstance(shard, ShardInfo) else check_shard_name(shard)
         return join_url(self.base_url, name)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +83,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], base_url: str = "") -> "Manifest":
+        """Build from `to_dict` output; raises ValueError on a newer version or an invalid shard name."""
         if d.get("version", 1) > MANIFEST_VERSION:
             raise ValueError(f"manifest version {d['version']} is newer than this vitpipe ({MANIFEST_VERSION})")
         return cls(
@@ -107,7 +100,10 @@ class Manifest:
 
     @classmethod
     def load(cls, url: str, storage_options: dict | None = None) -> "Manifest":
-        """Read `<url>/manifest.json` (or `url` itself when it names the JSON file)."""
+        """Read `<url>/manifest.json` (or `url` itself when it names the JSON file).
+
+        Raises FileNotFoundError when it is missing and ValueError (one line naming the manifest and the cause,
+        e.g. a shard name outside the manifest's folder) when it is invalid."""
         if url.endswith(".json"):
             json_url, base = url, url.rsplit("/", 1)[0] if "/" in url else "."
         else:
@@ -116,7 +112,12 @@ class Manifest:
         if not fs.exists(path):
             raise FileNotFoundError(f"no shard manifest at {json_url} (run ingest first, or it did not finish)")
         with fs.open(path, "rb") as f:
-            return cls.from_dict(json.loads(f.read()), base_url=base)
+            raw = f.read()
+        try:
+            return cls.from_dict(json.loads(raw), base_url=base)
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            why = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            raise ValueError(f"invalid shard manifest {json_url}: {why}") from None
 
     def save(self, url: str | None = None, storage_options: dict | None = None) -> str:
         """Write `manifest.json` atomically under `url` (default: where it was loaded from); returns its URL."""

@@ -16,6 +16,11 @@ Equal batch counts: drop_last drops < world*batch trailing positions; otherwise 
 positions (< world*batch, marked as padding). After `consumed` batches per rank, the unseen positions of every part
 (plus the dropped tail) form the next R, so a resume continues with exactly the unseen samples - with the same world
 it reproduces the uninterrupted run batch for batch, with another world it re-splits them (elastic).
+
+A weighted mix of sources (`MixOrder`) changes only what a G position means: positions are dealt to the sources
+by an exact stratified interleave (`interleave`, quotas from `apportion`), and a source's k-th position of the
+epoch continues its own sequence of passes, each pass one `GlobalOrder` of its shards. Everything above (rank
+parts, padding, resume, elastic) works on the positions and holds unchanged.
 """
 
 from __future__ import annotations
@@ -191,20 +196,27 @@ def next_phase(prev: Segment, workers: int) -> int:
     return (prev.phase + prev.consumed) % workers if workers == prev.workers else 0
 
 
-def shard_permutation(num_shards: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """The epoch's shard order (a pure function of seed and epoch)."""
+def shard_permutation(num_shards: int, seed: int, epoch: int, shuffle: bool = True,
+                      salt: tuple[int, ...] = ()) -> np.ndarray:
+    """The epoch's shard order (a pure function of seed, epoch and `salt`, e.g. a source index)."""
     if not shuffle:
         return np.arange(num_shards)
-    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_shards)
+    return np.random.default_rng([seed, epoch, 0x5EED, *salt]).permutation(num_shards)
 
 
 class GlobalOrder:
-    """Maps G positions of one epoch to (shard index, sample index within the shard)."""
+    """Maps G positions of one epoch to (shard index, sample index within the shard).
 
-    def __init__(self, counts, seed: int, epoch: int, block: int, shuffle: bool = True):
+    `salt` makes independent orders of one seed (the sources of a mix). `replace=True` draws each position's
+    sample uniformly *with replacement* from its shuffle block instead of permuting the block (shard locality is
+    kept; a sample can occur 0, 1 or more times per pass)."""
+
+    def __init__(self, counts, seed: int, epoch: int, block: int, shuffle: bool = True,
+                 salt: tuple[int, ...] = (), replace: bool = False):
         self.counts = np.asarray(counts, dtype=np.int64)
         self.seed, self.epoch, self.block, self.shuffle = seed, epoch, block, shuffle
-        self.shard_perm = shard_permutation(len(self.counts), seed, epoch, shuffle)
+        self.salt, self.replace = tuple(salt), replace
+        self.shard_perm = shard_permutation(len(self.counts), seed, epoch, shuffle, self.salt)
         self.cum = np.concatenate([[0], np.cumsum(self.counts[self.shard_perm])])
         self.total = int(self.cum[-1])
         self._perms: dict[int, np.ndarray] = {}
@@ -213,7 +225,8 @@ class GlobalOrder:
         p = self._perms.get(b)
         if p is None:
             n = min(self.block, self.total - b * self.block)
-            p = np.random.default_rng([self.seed, self.epoch, b, 0xB10C]).permutation(n)
+            rng = np.random.default_rng([self.seed, self.epoch, b, 0xB10C, *self.salt])
+            p = rng.integers(0, n, size=n) if self.replace else rng.permutation(n)
             if len(self._perms) >= 8:
                 self._perms.pop(next(iter(self._perms)))
             self._perms[b] = p
@@ -234,6 +247,98 @@ class GlobalOrder:
         c = self.concat_index(np.asarray(pos, dtype=np.int64))
         slot = np.searchsorted(self.cum, c, side="right") - 1
         return self.shard_perm[slot], c - self.cum[slot]
+
+
+def apportion(total: int, weights) -> np.ndarray:
+    """Integer shares of `total` proportional to `weights` (largest remainder; ties to the lower index): they sum
+    to `total` exactly and each differs from total * w / sum(w) by less than 1."""
+    w = np.asarray(weights, dtype=np.float64)
+    exact = total * (w / w.sum())
+    base = np.floor(exact).astype(np.int64)
+    short = int(total - base.sum())
+    if short > 0:
+        base[np.argsort(-(exact - base), kind="stable")[:short]] += 1
+    return base
+
+
+def interleave(c, quotas) -> tuple[np.ndarray, np.ndarray]:
+    """(source, k): concat index c of a mix epoch holds the k-th sample of `source` this epoch.
+
+    Hierarchical stratification, exact in integers: source 0 owns index c of the M = sum(quotas) indices iff
+    floor((c+1) n0 / M) > floor(c n0 / M) (so it owns exactly n0, evenly spread, and floor(c n0 / M) of the first
+    c); the other indices, renumbered, are split the same way between source 1 and the rest, and so on. Any prefix
+    of x indices holds x * n_j / M of source j within +-(j+1), any window within +-2(j+1): every batch is a
+    stratified sample of the mix. Pure and vectorised: a worker maps only its own batch."""
+    c = np.array(c, dtype=np.int64, copy=True)
+    quotas = np.asarray(quotas, dtype=np.int64)
+    src = np.full(c.shape, len(quotas) - 1, dtype=np.int64)
+    k = c.copy()
+    open_ = np.ones(c.shape, dtype=bool)
+    m = int(quotas.sum())
+    for j, n in enumerate(quotas[:-1].tolist()):
+        if m <= 0:
+            break
+        idx = np.flatnonzero(open_)
+        cj = k[idx]
+        lo, hi = (cj * n) // m, ((cj + 1) * n) // m
+        mine = hi > lo
+        src[idx[mine]], k[idx[mine]] = j, lo[mine]
+        open_[idx[mine]] = False
+        k[idx[~mine]] = cj[~mine] - lo[~mine]  # rank among the indices not owned by sources <= j
+        m -= n
+    return src, k
+
+
+class MixOrder:
+    """Maps G positions of one epoch of a weighted mix to (shard, sample index in shard, pass).
+
+    Source i holds `sizes[i]` samples and gets `quotas[i]` positions per epoch, placed by `interleave`. Its k-th
+    sample of epoch e is number v = e * quota + k of its own endless sequence of passes: pass q = v // size, in the
+    pass's own order (a `GlobalOrder` of its shards seeded by (seed, q, i)), position v % size. So a source is read
+    without replacement: every sample once per pass, passes continuing across epochs (a sample occurs
+    floor or ceil of quota / size times per epoch). Shard indices are global (source i's are offset by
+    `offsets[i]`). One source with quota == size is exactly `GlobalOrder(counts, seed, epoch)` (pass == epoch)."""
+
+    def __init__(self, counts: list, offsets, quotas, seed: int, epoch: int, block: int, shuffle: bool = True,
+                 replace=None):
+        self.counts = [np.asarray(c, dtype=np.int64) for c in counts]
+        self.sizes = np.array([int(c.sum()) for c in self.counts], dtype=np.int64)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.quotas = np.asarray(quotas, dtype=np.int64)
+        if ((self.sizes <= 0) & (self.quotas > 0)).any():
+            raise ValueError("MixOrder: a source with a quota has no samples")
+        self.seed, self.epoch, self.block, self.shuffle = seed, epoch, block, shuffle
+        self.replace = list(replace) if replace is not None else [False] * len(self.counts)
+        self.total = int(self.quotas.sum())
+        self._orders: dict[tuple[int, int], GlobalOrder] = {}
+
+    def _order(self, i: int, q: int) -> GlobalOrder:
+        g = self._orders.get((i, q))
+        if g is None:
+            salt = (i,) if len(self.counts) > 1 else ()  # one source: the plain stream's order, bit for bit
+            g = GlobalOrder(self.counts[i], self.seed, q, self.block, self.shuffle, salt, self.replace[i])
+            if len(self._orders) >= 16:
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[(i, q)] = g
+        return g
+
+    def locate(self, pos) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(global shard index, sample index in shard, pass of its source) for each position."""
+        src, k = interleave(np.asarray(pos, dtype=np.int64), self.quotas)
+        v = self.epoch * self.quotas[src] + k
+        size = np.maximum(self.sizes[src], 1)
+        q, r = v // size, v % size
+        shard, idx = np.empty_like(r), np.empty_like(r)
+        for i, qq in {(int(a), int(b)) for a, b in zip(src.tolist(), q.tolist())}:
+            m = (src == i) & (q == qq)
+            s, j = self._order(i, qq).lookup(r[m])
+            shard[m], idx[m] = s + self.offsets[i], j
+        return shard, idx, q
+
+    def lookup(self, pos) -> tuple[np.ndarray, np.ndarray]:
+        """(global shard index, sample index in shard), as `GlobalOrder.lookup`."""
+        shard, idx, _ = self.locate(pos)
+        return shard, idx
 
 
 def batch_positions(used: Seq, T: int, rank: int, seg: Segment, t: int, cache: dict | None = None) -> np.ndarray:

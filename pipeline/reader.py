@@ -6,6 +6,7 @@ filesystem (fsspec filesystems are not fork-safe).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import warnings
@@ -18,8 +19,9 @@ from PIL import Image
 
 from .config import StreamConfig
 from .manifest import url_to_fs
-from .order import GlobalOrder, Segment, batch_positions, segment_sequence, use_sequence
-from .sources import IMAGE_EXTS
+from .multisource import ShardPlan
+from .order import MixOrder, Segment, batch_positions, segment_sequence, use_sequence
+from .tars import parse_shard
 from .transforms import ImageTransform, SplitMix64, normalize_batch, sample_seed
 
 log = logging.getLogger(__name__)
@@ -37,97 +39,19 @@ class StartPoint:
     consumed: int
 
 
-class TarFormatError(ValueError):
-    """A tar header is not a tar header, or the data ends before the archive does."""
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
-        return int.from_bytes(field[1:], "big")
-    field = field.split(b"\0", 1)[0].strip()
-    return int(field, 8) if field else 0
-
-
-def iter_tar(data: bytes):
-    """(member name, member bytes) of the regular files of an in-memory tar, in order.
-
-    A minimal reader of ustar/GNU/pax headers, ~20x faster than `tarfile` on shards of many small members (the
-    CIFAR-size case). Raises `TarFormatError` at a corrupt header or where the data is truncated.
-    """
-    view = memoryview(data)
-    off, n, long_name = 0, len(data), None
-    while off + 512 <= n:
-        h = data[off : off + 512]
-        if h.count(0) == 512:
-            return
-        if h[257:262] != b"ustar":  # cheaper than the checksum and catches garbage just as well in practice
-            raise TarFormatError(f"not a tar header at byte {off}")
-        size, kind = _octal(h[124:136]), h[156:157]
-        start, end = off + 512, off + 512 + size
-        if end > n:
-            raise TarFormatError(f"tar member at byte {off} truncated")
-        off = start + (-(-size // 512)) * 512
-        if kind == b"L":  # GNU long name of the next member
-            long_name = bytes(view[start:end]).split(b"\0", 1)[0].decode()
-            continue
-        if kind == b"x":  # pax extended header: only the path matters here
-            for rec in bytes(view[start:end]).decode().split("\n"):
-                if " path=" in rec:
-                    long_name = rec.split(" path=", 1)[1]
-            continue
-        if kind not in (b"0", b"\0", b"7"):
-            long_name = None
-            continue
-        if long_name is not None:
-            name, long_name = long_name, None
-        else:
-            name = h[:100].split(b"\0", 1)[0].decode()
-            if h[257:263] == b"ustar\0" and h[345] != 0:
-                name = h[345:500].split(b"\0", 1)[0].decode() + "/" + name
-        yield name, bytes(view[start:end])
-    raise TarFormatError("tar ends without its end-of-archive blocks (truncated)")
-
-
-def parse_shard(data: bytes, exclude: set[str]) -> tuple[list[tuple[str, bytes, object]], bool]:
-    """Samples (key, image bytes, label) of a tar shard in file order, minus `exclude`; and whether the tar was
-    cut short or corrupt (its complete samples before the damage are still returned)."""
-    groups: dict[str, dict] = {}
-    truncated = False
-    try:
-        for name, payload in iter_tar(data):
-            base = name.rsplit("/", 1)[-1]
-            if "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            ext = ext.lower()
-            if ext in ("cls", "labels") or ext in IMAGE_EXTS:
-                groups.setdefault(name[: len(name) - len(base)] + stem, {})[ext] = payload
-    except (TarFormatError, UnicodeDecodeError, ValueError):
-        truncated = True
-    out = []
-    for key, g in groups.items():
-        if key in exclude:
-            continue
-        img = next((g[e] for e in ("jpg", "jpeg", "png", "webp") if e in g), None)
-        if img is None:
-            continue
-        if "labels" in g:
-            label = [int(x) for x in g["labels"].decode().split(",") if x.strip()]
-        elif "cls" in g:
-            label = int(g["cls"].decode())
-        else:
-            continue  # a sample cut off before its label member: incomplete
-        out.append((key, img, label))
-    return out, truncated
-
-
 class ShardCache:
-    """A small LRU of parsed shards for one process, reading with retries and exponential backoff."""
+    """A small LRU of parsed shards for one process, reading with retries and exponential backoff.
+
+    With `cfg.verify`, each shard read is checked against `sha256` (the manifest's digests, per shard); a mismatch
+    is handled like an unreadable shard: logged, counted in `failed_shards`, no samples."""
 
     def __init__(self, urls: list[str], exclude: dict[int, set[str]], cfg: StreamConfig, capacity: int,
-                 expected=None):
+                 expected=None, sha256: list[str] | None = None):
         self.urls, self.exclude, self.cfg, self.capacity = urls, exclude, cfg, max(2, capacity)
         self.expected = expected  # samples per shard after exclusions (manifest counts)
+        if cfg.verify and (sha256 is None or len(sha256) != len(urls)):
+            raise ValueError("StreamConfig.verify needs the manifest's sha256 of every shard (pass sha256=...)")
+        self.sha256 = sha256 if cfg.verify else None
         self._fs = None
         self._lru: OrderedDict[int, list] = OrderedDict()
         self.stats = {"retries": 0, "failed_shards": 0, "truncated_shards": 0}
@@ -153,6 +77,14 @@ class ShardCache:
             self._lru.move_to_end(shard)
             return hit
         data = self._read(self.urls[shard])
+        if data is not None and self.sha256 is not None:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != self.sha256[shard]:
+                # a shard changed since ingest (bit rot, partial overwrite, tampering): a valid-looking tar could
+                # still carry wrong labels or images, so none of it is used
+                log.warning("shard %s fails verification: sha256 %s, manifest says %s", self.urls[shard], digest,
+                            self.sha256[shard])
+                data = None
         if data is None:
             self.stats["failed_shards"] += 1
             samples = []
@@ -182,8 +114,15 @@ class BatchReader(torch.utils.data.IterableDataset):
 
     def __init__(self, *, urls, counts, exclude, cfg: StreamConfig, start: StartPoint, rank: int, world: int,
                  num_classes: int, multi_label: bool, max_epochs: int | None = None,
-                 ring: torch.Tensor | None = None):
+                 ring: torch.Tensor | None = None, sha256: list[str] | None = None, plan=None):
         super().__init__()
+        if plan is None:  # bare shard counts: the plain stream's order
+
+            plan = ShardPlan.single(counts)
+        self.plan = plan  # multisource.ShardPlan: epoch order, subset indices, label maps, keys of a mix
+        if cfg.verify and sha256 is None:
+            raise ValueError("StreamConfig.verify needs the manifest's sha256 of every shard (pass sha256=...)")
+        self.sha256 = sha256  # per-shard manifest digests, checked on read with cfg.verify
         # ring: shared-memory slots (workers, K, B, 3, H, W). A worker writes batch j into slot j % K and sends only
         # (worker, slot); the consumer copies it out at once. Sending fresh tensors through the DataLoader costs a
         # new shared-memory segment + page faults per batch (measured 3.5 ms CPU per CIFAR batch, 21 ms per
@@ -197,16 +136,15 @@ class BatchReader(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        cfg, total = self.cfg, int(self.counts.sum())
-        min_count = int(self.counts[self.counts > 0].min()) if (self.counts > 0).any() else 1
-        cache = ShardCache(self.urls, self.exclude, cfg, capacity=-(-cfg.shuffle_buffer // min_count) + 2,
-                           expected=self.counts)
-        tf = ImageTransform(cfg.img_size, cfg.train, cfg.rrc_scale, cfg.rrc_ratio, cfg.hflip, cfg.mean, cfg.std)
+        cfg, total = self.cfg, self.plan.total
+        cache = ShardCache(self.urls, self.exclude, cfg, capacity=self.plan.cache_capacity(cfg.shuffle_buffer),
+                           expected=self.counts, sha256=self.sha256)
+        tf = ImageTransform.from_config(cfg)
         epoch, history, seg, k = self.start.epoch, list(self.start.history), self.start.segment, self.start.consumed
         g, produced = 0, 0
         while self.max_epochs is None or epoch < self.start.epoch + self.max_epochs:
             used, T, _ = use_sequence(segment_sequence(total, history), self.world, cfg.batch_size, cfg.drop_last)
-            order = GlobalOrder(self.counts, cfg.seed, epoch, cfg.shuffle_buffer, cfg.shuffle)
+            order = self.plan.order(cfg.seed, epoch, cfg.shuffle_buffer, cfg.shuffle)
             parts: dict = {}
             for t in range(k, T):
                 if g % n == w:
@@ -222,23 +160,27 @@ class BatchReader(torch.utils.data.IterableDataset):
             epoch, history, k = epoch + 1, [], 0
             seg = Segment(world=seg.world, workers=seg.workers, batch=seg.batch, drop_last=seg.drop_last)
 
-    def _batch(self, order: GlobalOrder, cache: ShardCache, tf: ImageTransform, pos: np.ndarray, epoch: int,
+    def _batch(self, order: MixOrder, cache: ShardCache, tf: ImageTransform, pos: np.ndarray, epoch: int,
                out: torch.Tensor | None = None):
-        cfg = self.cfg
-        shards, idxs = order.lookup(pos)
+        cfg, plan = self.cfg, self.plan
+        # pass: the epoch of a plain stream; in a mix, the source's own pass (a sample repeated within an epoch
+        # gets another augmentation each time)
+        shards, idxs, passes = order.locate(pos)
         pixels = np.empty((len(pos), cfg.img_size, cfg.img_size, 3), dtype=np.uint8)
         labels: list = [None] * len(pos)
         keys: list = [""] * len(pos)
         good = np.zeros(len(pos), dtype=bool)
         with warnings.catch_warnings():  # PIL warns on odd EXIF / truncated files: counted below, not printed
             warnings.simplefilter("ignore")
-            for j, (s, i) in enumerate(zip(shards.tolist(), idxs.tolist())):
+            for j, (s, i, q) in enumerate(zip(shards.tolist(), idxs.tolist(), passes.tolist())):
                 samples = cache.get(s)
+                i = plan.sample(s, i)
                 if i >= len(samples):
                     continue  # shard unreadable, truncated, or shorter than the manifest says
                 key, data, label = samples[i]
-                keys[j], labels[j] = key, label
-                rng = SplitMix64(sample_seed(cfg.seed, epoch, key)) if cfg.train else None
+                key = plan.key(s, key)
+                keys[j], labels[j] = key, plan.label(s, label)
+                rng = SplitMix64(sample_seed(cfg.seed, q, key)) if cfg.train else None
                 try:
                     pixels[j] = tf.to_uint8(data, rng)
                     good[j] = True

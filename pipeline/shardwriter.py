@@ -1,4 +1,4 @@
-"""Write one WebDataset shard from a list of source items: validate/resize/re-encode, tar, rename, sidecar.
+"""Write one WebDataset shard from a list of source items: validate/resize/re-encode, tar (atomically), sidecar.
 
 `write_shard` is a pure unit of work (items in, shard + counts out) so local processes and Ray tasks can fan it out.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import tarfile
 import warnings
 from collections import Counter
@@ -16,8 +17,11 @@ from dataclasses import asdict, dataclass
 from PIL import Image
 
 from .config import IngestConfig
-from .manifest import ShardInfo, url_to_fs, write_atomic
+from .fsio import open_atomic, url_to_fs, write_atomic
+from .manifest import ShardInfo
 from .sources import SourceItem, read_items
+
+log = logging.getLogger(__name__)
 
 # Images above PIL's decompression-bomb limit are real photos at JFT scale, not attacks; decode them.
 Image.MAX_IMAGE_PIXELS = None
@@ -46,6 +50,40 @@ def plan_fingerprint(items: list[SourceItem], cfg: IngestConfig, class_index: di
     for it in items:
         h.update(f"{it.key}\0{it.url}\0{it.offset}\0{it.size}\0{','.join(it.labels)}\n".encode())
     return h.hexdigest()
+
+
+def file_sha256(fs, path: str, chunk: int = 1 << 22) -> str:
+    """sha256 hex digest of a file, read in `chunk`-byte pieces (shards can be GBs)."""
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def reusable_shard(fs, path: str, fp: str, verify: bool = True) -> ShardResult | None:
+    """The recorded result of the complete shard at `path`, or None when it has to be (re)written.
+
+    Complete means: its sidecar is readable, has plan fingerprint `fp` and describes this shard, the size matches,
+    and (`verify`) the bytes hash to the sidecar's sha256, so a shard corrupted in place at the same size is
+    rewritten rather than reused.
+    """
+    side = sidecar_path(path)
+    if not (fs.exists(side) and fs.exists(path)):
+        return None
+    try:
+        with fs.open(side, "rb") as f:
+            meta = json.loads(f.read())
+        info, bad = ShardInfo(**meta["info"]), {str(k): int(v) for k, v in meta["bad"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("shard %s: unreadable sidecar (%s); rewriting the shard", path, e)
+        return None
+    if meta.get("fingerprint") != fp or info.name != path.rsplit("/", 1)[-1] or fs.size(path) != info.num_bytes:
+        return None
+    if verify and file_sha256(fs, path) != info.sha256:
+        log.warning("shard %s: sha256 differs from its sidecar (changed since it was written); rewriting it", path)
+        return None
+    return ShardResult(info, bad, reused=True)
 
 
 def encode_image(data: bytes, cfg: IngestConfig) -> tuple[bytes, str, tuple[int, int], bool]:
@@ -105,29 +143,28 @@ def write_shard(
     storage_options: dict | None = None,
     counter=None,
 ) -> ShardResult:
-    """Write `items` as one shard at `shard_url` (tmp name + rename, then a sidecar) and return its result.
+    """Write `items` as one shard at `shard_url` (atomically, see `fsio.open_atomic`; then a sidecar) and return
+    its result.
 
-    Skips the work when a complete shard with the same plan fingerprint is already there (resume). Bad items are
-    skipped and counted per reason ("unreadable", "corrupt"). `counter` (a multiprocessing Value) is bumped per
-    item for progress bars.
+    Skips the work when a complete shard with the same plan fingerprint is already there (resume; with
+    `cfg.verify_reused` its sha256 is checked first, see `reusable_shard`). Bad items are skipped and counted per
+    reason ("unreadable", "corrupt"). `counter` (a multiprocessing Value) is bumped per item for progress bars.
     """
     fs, path = url_to_fs(shard_url, storage_options, fresh=True)
     name = shard_url.rsplit("/", 1)[-1]
     fp = plan_fingerprint(items, cfg, class_index, multi_label)
     side = sidecar_path(path)
-    if fs.exists(side) and fs.exists(path):
-        with fs.open(side, "rb") as f:
-            meta = json.loads(f.read())
-        if meta.get("fingerprint") == fp and fs.size(path) == meta["info"]["num_bytes"]:
-            if counter is not None:
-                with counter.get_lock():
-                    counter.value += len(items)
-            return ShardResult(ShardInfo(**meta["info"]), dict(meta["bad"]), reused=True)
+    done = reusable_shard(fs, path, fp, verify=cfg.verify_reused)
+    if done is not None:
+        if counter is not None:
+            with counter.get_lock():
+                counter.value += len(items)
+        return done
     bad: Counter = Counter()
     fs_cache: dict = {}
     n = 0
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as raw:
+    index: dict = {"keys": [], "labels": []}  # key + first label per sample, tar order: for subset.py (no decode)
+    with open_atomic(fs, path) as raw:
         hw = _HashingWriter(raw)
         with tarfile.open(fileobj=hw, mode="w|", format=tarfile.GNU_FORMAT) as tf:
             for it, data in zip(items, read_items(items, fs_cache, storage_options)):
@@ -156,12 +193,12 @@ def write_shard(
                         if cfg.keep_original and not passed:
                             _add(tf, f"{it.key}.orig.{it.ext or 'bin'}", data)
                         n += 1
+                        index["keys"].append(it.key)
+                        index["labels"].append(labels[0])
                 if counter is not None:
                     with counter.get_lock():
                         counter.value += 1
-    if fs.exists(path):
-        fs.rm(path)
-    fs.mv(tmp, path)
     info = ShardInfo(name=name, num_samples=n, num_bytes=hw.n, sha256=hw.sha.hexdigest())
-    write_atomic(fs, side, json.dumps({"fingerprint": fp, "info": asdict(info), "bad": dict(bad)}).encode())
+    write_atomic(fs, side, json.dumps({"fingerprint": fp, "info": asdict(info), "bad": dict(bad),
+                                       "index": index}).encode())
     return ShardResult(info, dict(bad))

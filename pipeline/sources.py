@@ -6,11 +6,19 @@ Listing is cheap and deterministic (sorted); bytes are read later, in the proces
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 
-from .manifest import MANIFEST_NAME, join_url, url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from .fsio import join_url, url_to_fs
+from .manifest import MANIFEST_NAME
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff", "ppm"}
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
@@ -58,8 +66,15 @@ def _ext(name: str) -> str:
     return name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
 
 
-def list_image_folder(root: str, split: str | None = None, storage_options: dict | None = None) -> list[SourceItem]:
-    """Items of `<root>/<class>/**/<img>` (or `<root>/<split>/<class>/**/<img>`), sorted by path."""
+def list_image_folder(root: str, split: str | None = None, storage_options: dict | None = None,
+                      skipped: Counter | None = None) -> list[SourceItem]:
+    """Items of `<root>/<class>/**/<img>` (or `<root>/<split>/<class>/**/<img>`), sorted by path.
+
+    Symlinks (local folders): a file symlink is followed only when its target lies inside `root` (the item then
+    reads the resolved target); one resolving outside `root` is left out, as is every directory symlink (never
+    descended into: no escapes, no cycles). Left-out entries are counted per reason in `skipped`
+    ("symlink_outside_root", "symlink_dir") and logged.
+    """
     base = join_url(root, split) if split else root.rstrip("/")
     fs, path = url_to_fs(base, storage_options)
     if not fs.isdir(path):
@@ -68,20 +83,60 @@ def list_image_folder(root: str, split: str | None = None, storage_options: dict
     prefix = "" if protocol in ("file", "local") else f"{protocol}://"
     found = fs.find(path, detail=True)
     path = path.rstrip("/")
+    left_out: Counter = Counter()
+    resolve = _InsideRoot(url_to_fs(root, storage_options)[1]) if isinstance(fs, LocalFileSystem) else None
     rows = []
     for p, info in sorted(found.items()):
         rel = p[len(path) + 1 :]
         parts = rel.split("/")
+        url = prefix + p
+        if resolve is not None:
+            real, why = resolve(p, bool(info.get("islink")))
+            if why == "symlink_dir" or (why and len(parts) >= 2 and _ext(p) in IMAGE_EXTS):
+                left_out[why] += 1
+                log.debug("image folder %s: left out %s (%s -> %s)", base, rel, why, real)
+                continue
+            url = real if info.get("islink") else url
         if len(parts) < 2 or _ext(p) not in IMAGE_EXTS:
             continue  # files at the top level or non-images (README, .DS_Store) are not samples
-        rows.append((rel, parts[0], prefix + p, int(info.get("size") or -1)))
+        rows.append((rel, parts[0], url, int(info.get("size") or -1)))
+    if left_out:
+        log.warning("image folder %s: left out %s (symlinks are followed only to files inside %s)", base,
+                    dict(sorted(left_out.items())), root)
+    if skipped is not None:
+        skipped.update(left_out)
     if not rows:
-        raise FileNotFoundError(f"no images found under {base} (expected <class>/<image> sub-folders)")
+        extra = f" ({dict(left_out)} left out)" if left_out else ""
+        raise FileNotFoundError(f"no images found under {base} (expected <class>/<image> sub-folders){extra}")
     keys = unique_keys([rel.rsplit(".", 1)[0] for rel, *_ in rows])
     return [
         SourceItem(key=k, url=u, labels=(c,), ext=_ext(rel), size=s, origin=rel)
         for k, (rel, c, u, s) in zip(keys, rows)
     ]
+
+
+class _InsideRoot:
+    """Resolves local paths and says whether they stay inside `root` (symlinks and `..` resolved)."""
+
+    def __init__(self, root: str):
+        self.root = os.path.realpath(root)
+        self._dirs: dict[str, str] = {}
+
+    def _inside(self, real: str) -> bool:
+        return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
+
+    def __call__(self, p: str, islink: bool) -> tuple[str, str]:
+        """(resolved path, reason to leave it out or "")."""
+        if islink:
+            real = os.path.realpath(p)
+            if os.path.isdir(real):
+                return real, "symlink_dir"
+        else:  # only the folder can hold a link: resolve each folder once, not every file
+            folder, _, name = p.rpartition("/")
+            if folder not in self._dirs:
+                self._dirs[folder] = os.path.realpath(folder or "/")
+            real = os.path.join(self._dirs[folder], name)
+        return real, "" if self._inside(real) else "symlink_outside_root"
 
 
 def _tar_urls(src: str, fs, path: str) -> list[str]:
@@ -190,10 +245,12 @@ def list_file_source(src: str, storage_options: dict | None = None) -> list[Sour
     return [SourceItem(key=k, url=u, labels=lab, ext=_ext(u), origin=u) for k, (u, lab) in zip(keys, rows)]
 
 
-def list_source(src: str, split: str | None = None, storage_options: dict | None = None):
+def list_source(src: str, split: str | None = None, storage_options: dict | None = None,
+                skipped: Counter | None = None):
     """Dispatch on the source's shape: list file (.txt/.tsv/.csv), tar(s), or image folder.
 
-    Returns (items, class names known from the source or None)."""
+    Returns (items, class names known from the source or None); entries an image folder leaves out for safety
+    (symlinks, see `list_image_folder`) are counted per reason in `skipped`."""
     lower = src.lower().rstrip("/")
     if lower.endswith((".txt", ".tsv", ".lst")):
         return list_file_source(src, storage_options), None
@@ -202,7 +259,7 @@ def list_source(src: str, split: str | None = None, storage_options: dict | None
     fs, path = url_to_fs(src, storage_options)
     if fs.isdir(path) and fs.glob(path.rstrip("/") + "/*.tar"):
         return list_tar_source(src, storage_options)
-    return list_image_folder(src, split, storage_options), None
+    return list_image_folder(src, split, storage_options, skipped), None
 
 
 def _proto(url: str) -> str:

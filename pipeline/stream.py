@@ -1,4 +1,5 @@
-"""`ShardStream`: the per-rank iterable of training/eval batches over a manifest's shards.
+"""`ShardStream`: the per-rank iterable of training/eval batches over a manifest's shards, or a weighted mix of
+several manifests (`multisource`), optionally a class-balanced subset (`subset`).
 
 Deterministic (order and augmentation from seed, epoch, key), equal batch counts on every rank, exactly-once per
 epoch up to documented padding, mid-epoch resumable from a few ints, elastic across world sizes (see `order`).
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 
 from .config import StreamConfig
-from .manifest import Manifest, load_exclusions
+from .manifest import Manifest
+from .multisource import SourceSpec, build_plan
 from .order import Seq, Segment, next_phase, segment_sequence, use_sequence
 from .reader import BatchReader, StartPoint, no_convert
 
@@ -23,41 +25,36 @@ log = logging.getLogger(__name__)
 class ShardStream:
     """Batches `(images (B,3,H,W) float32, labels)` for one rank; labels int64 (B,) or multi-hot float (B, C).
 
-    Iterating runs the rest of the current epoch, then advances to the next epoch; `set_epoch(e)` jumps to the start
-    of epoch e (a no-op when already in e, so it is safe after `load_state_dict`). `state_dict()` after k batches
-    resumes at batch k+1, also with another world size / worker count (the unseen samples are re-split).
+    `manifest`: one manifest (object or URL; `cfg.exclude` and `cfg.limit` apply), or a list of sources of a
+    weighted mix: `SourceSpec`s or `(manifest or URL, weight)` pairs (epoch length `cfg.epoch_samples`; see
+    `multisource`). Iterating runs the rest of the current epoch, then advances to the next epoch; `set_epoch(e)`
+    jumps to the start of epoch e (a no-op when already in e, so it is safe after `load_state_dict`). `state_dict()`
+    after k batches resumes at batch k+1, also with another world size / worker count (the unseen samples are
+    re-split). `stats["source_samples"]` counts the samples delivered per source name.
     """
 
-    def __init__(self, manifest: Manifest | str, cfg: StreamConfig | None = None, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, manifest: Manifest | str | list[SourceSpec | tuple], cfg: StreamConfig | None = None,
+                 rank: int = 0, world_size: int = 1):
         self.cfg = cfg or StreamConfig()
         if not 0 <= rank < world_size:
             raise ValueError(f"ShardStream: rank {rank} outside world_size {world_size}")
-        self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest,
-                                                                                      self.cfg.storage_options)
+        self.plan = build_plan(manifest, self.cfg)
+        self.manifest = self.plan.manifests[0] if len(self.plan.manifests) == 1 else None  # None for a mix
+        self.sources, self.classes = self.plan.sources, self.plan.classes
+        self.num_classes, self.multi_label = len(self.plan.classes), self.plan.multi_label
         self.rank, self.world_size = rank, world_size
         self.workers = max(1, self.cfg.num_workers)
-        exclude = {k: set(v) for k, v in self.manifest.exclude.items()}
-        if self.cfg.exclude:
-            for k, v in load_exclusions(self.cfg.exclude, self.cfg.storage_options).items():
-                exclude.setdefault(k, set()).update(v)
-        names = {s.name: i for i, s in enumerate(self.manifest.shards)}
-        unknown = sorted(set(exclude) - set(names))
-        if unknown:
-            raise ValueError(f"exclusion list names shards not in the manifest: {unknown[:3]}")
-        self._exclude = {names[k]: v for k, v in exclude.items() if v}
-        self.counts = np.array([s.num_samples - len(self._exclude.get(i, ())) for i, s in
-                                enumerate(self.manifest.shards)], dtype=np.int64)
-        if (self.counts < 0).any():
-            raise ValueError("exclusion list removes more samples than a shard holds")
-        self.total = int(self.counts.sum())
-        self.urls = [self.manifest.url(s) for s in self.manifest.shards]
+        self._exclude = self.plan.exclude
+        self.counts = self.plan.counts  # samples per shard in the stream (after exclusions and subsets)
+        self.total = self.plan.total  # positions per epoch
+        self.urls = self.plan.urls
         self._epoch, self._history, self._consumed = 0, [], 0
         self._segment = self._fresh_segment()
         self._live = None  # [batch iterator, StartPoint it continues from]
         self._ring = None  # shared-memory batch slots of the live loader
         self.stats = {"samples": 0, "batches": 0, "skipped_corrupt": 0, "wait_s": 0.0, "last_wait_s": 0.0,
-                      "read_retries": 0, "failed_shards": 0, "truncated_shards": 0}
+                      "read_retries": 0, "failed_shards": 0, "truncated_shards": 0,
+                      "source_samples": {s.name: 0 for s in self.sources}}
         self.check()
 
     # ----- layout -----
@@ -113,14 +110,20 @@ class ShardStream:
     def state_dict(self) -> dict:
         """A few ints: epoch, seed, samples in the manifest, and the (usually single) layout segment(s)."""
         seg = Segment(**{**self._segment.__dict__, "consumed": self._consumed})
-        return {"epoch": self._epoch, "seed": self.cfg.seed, "total": self.total,
-                "segment": seg.to_list(), "history": [s.to_list() for s in self._history]}
+        state = {"epoch": self._epoch, "seed": self.cfg.seed, "total": self.total,
+                 "segment": seg.to_list(), "history": [s.to_list() for s in self._history]}
+        if self.plan.state() is not None:  # a mix, a subset or a fixed epoch length: per source [size, quota, ...]
+            state["sources"] = self.plan.state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.cfg.seed:
             raise ValueError(f"stream state has seed {state['seed']}, this stream seed {self.cfg.seed}")
         if state["total"] != self.total:
             raise ValueError(f"stream state is for {state['total']} samples, this manifest has {self.total}")
+        if state.get("sources") != self.plan.state():
+            raise ValueError(f"stream state is for sources [size, quota, limit, limit_seed] {state.get('sources')}, "
+                             f"this stream has {self.plan.state()} (weights, epoch_samples or limits changed)")
         self._epoch = int(state["epoch"])
         self._history = [Segment.from_list(s) for s in state["history"]]
         prev = Segment.from_list(state["segment"])
@@ -151,9 +154,9 @@ class ShardStream:
             ring = torch.empty((c.num_workers, c.prefetch_factor + 2, c.batch_size, 3, c.img_size, c.img_size),
                                dtype=torch.float32).share_memory_()
         self._ring = ring
-        reader = BatchReader(urls=self.urls, counts=self.counts, exclude=self._exclude, cfg=self.cfg, start=here,
-                             rank=self.rank, world=self.world_size, num_classes=self.manifest.num_classes,
-                             multi_label=self.manifest.multi_label, ring=ring)
+        reader = BatchReader(urls=self.urls, counts=self.plan.shard_counts, exclude=self._exclude, cfg=self.cfg,
+                             start=here, rank=self.rank, world=self.world_size, num_classes=self.num_classes,
+                             multi_label=self.multi_label, ring=ring, sha256=self.plan.sha256, plan=self.plan)
         if self.cfg.num_workers > 0:
             it = iter(torch.utils.data.DataLoader(
                 reader, batch_size=None, collate_fn=no_convert, num_workers=self.cfg.num_workers,
@@ -175,10 +178,10 @@ class ShardStream:
 
     def _labels(self, raw) -> torch.Tensor:
         """int64 (B,) from a numpy array, or a multi-hot float (B, C) from per-sample label lists."""
-        if not self.manifest.multi_label:
+        if not self.multi_label:
             return torch.as_tensor(np.asarray(raw), dtype=torch.int64)
         rows = np.repeat(np.arange(len(raw)), [len(r) for r in raw])
-        y = torch.zeros(len(raw), self.manifest.num_classes)
+        y = torch.zeros(len(raw), self.num_classes)
         y[torch.from_numpy(rows), torch.as_tensor([c for r in raw for c in r], dtype=torch.int64)] = 1.0
         return y
 
@@ -212,6 +215,12 @@ class ShardStream:
             st["failed_shards"] += int(io_stats["failed_shards"])
             st["truncated_shards"] += int(io_stats["truncated_shards"])
             st["samples"] += len(keys)
+            per_source = st["source_samples"]
+            if self.plan.mixed:  # keys are `name/key`; a replaced bad sample counts for the source it repeats
+                for k in keys:
+                    per_source[k.split("/", 1)[0]] += 1
+            else:
+                per_source[self.sources[0].name] += len(keys)
             st["batches"] += 1
             self._consumed += 1
             done = self._consumed == T

@@ -1,4 +1,5 @@
-"""Decode + augment with PIL/numpy: Inception random-resized crop + flip (train), resize + center crop (eval).
+"""Decode + augment with PIL/numpy: Inception random-resized crop + flip [+ RandAugment] (train), resize + center
+crop (eval).
 
 JPEGs are decoded at reduced size (DCT scaling by 1/2, 1/4, 1/8) whenever the output needs no more pixels, which is
 what makes photo-size streaming cheap. JPEG bytes are decoded with `simplejpeg` (libjpeg-turbo straight into a numpy
@@ -18,6 +19,9 @@ import random
 import numpy as np
 import torch
 from PIL import Image
+
+from .augment import RandAugment
+from .config import StreamConfig
 
 try:
     import simplejpeg
@@ -143,21 +147,33 @@ def _jpeg_crop_resize(data: bytes, w: int, h: int, box: tuple[float, ...], size:
 class ImageTransform:
     """PIL image or encoded bytes -> normalised float tensor (3, H, W).
 
-    train=True: Inception random-resized crop (`scale`, `ratio`) + horizontal flip; train=False: resize short side
-    to `img_size` + center crop. `rng` (a `random.Random`, numpy Generator or int seed) makes train crops
-    reproducible; the stream passes one derived from (seed, epoch, key).
+    train=True: Inception random-resized crop (`scale`, `ratio`) + horizontal flip, then RandAugment when
+    `randaug_num_ops` > 0 (big_vision's order); train=False: resize short side to `img_size` + center crop, never
+    augmented. `rng` (a `random.Random`, numpy Generator or int seed) makes train crops reproducible; the stream
+    passes one derived from (seed, epoch, key), and RandAugment continues drawing from it after the crop and flip.
     """
 
     def __init__(self, img_size: int = 224, train: bool = False, scale: tuple[float, float] = (0.35, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
-                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)):
+                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5),
+                 randaug_num_ops: int = 0, randaug_magnitude: int = 0):
         if img_size < 1:
             raise ValueError(f"ImageTransform.img_size must be >= 1, got {img_size}")
         self.img_size, self.train, self.scale, self.ratio, self.hflip = img_size, train, scale, ratio, hflip
         self.mean, self.std = tuple(mean), tuple(std)
+        randaug = RandAugment(randaug_num_ops, randaug_magnitude)  # validates even where it is not used
+        self.randaug = randaug if train and randaug.num_ops > 0 else None
+
+    @classmethod
+    def from_config(cls, cfg: StreamConfig) -> "ImageTransform":
+        """The per-sample transform a stream with `cfg` applies."""
+        return cls(cfg.img_size, cfg.train, cfg.rrc_scale, cfg.rrc_ratio, cfg.hflip, cfg.mean, cfg.std,
+                   randaug_num_ops=cfg.randaug_num_ops, randaug_magnitude=cfg.randaug_magnitude)
 
     def to_uint8(self, data: bytes | Image.Image, rng=None) -> np.ndarray:
-        """(H, W, 3) uint8 after crop/resize/flip; raises PIL/OSError errors on corrupt data."""
+        """(H, W, 3) uint8 after crop/resize/flip [/RandAugment]; raises PIL/OSError errors on corrupt data."""
+        if self.train:
+            rng = _as_rng(rng)
         header = _jpeg_header(data)
         img = None
         if header is None:
@@ -174,15 +190,12 @@ class ImageTransform:
                 img = open_image(data)
         if arr is None:
             arr = np.asarray(crop_resize(img, box, self.img_size))
-        return arr[:, ::-1] if flip else arr
+        arr = arr[:, ::-1] if flip else arr
+        return arr if self.randaug is None else self.randaug(arr, rng)
 
     def _box(self, w: int, h: int, rng) -> tuple[tuple[float, ...], bool]:
         if not self.train:
             return center_box(w, h), False
-        if rng is None:
-            rng = random.Random()
-        elif isinstance(rng, int):
-            rng = SplitMix64(rng)
         box = rrc_box(w, h, rng, self.scale, self.ratio)
         return box, self.hflip and rng.random() < 0.5
 
@@ -190,7 +203,15 @@ class ImageTransform:
         return normalize_batch(self.to_uint8(data, rng)[None], self.mean, self.std)[0]
 
     def __repr__(self) -> str:
-        return f"ImageTransform(img_size={self.img_size}, train={self.train}, scale={self.scale}, hflip={self.hflip})"
+        return (f"ImageTransform(img_size={self.img_size}, train={self.train}, scale={self.scale}, hflip={self.hflip}"
+                f"{'' if self.randaug is None else ', ' + repr(self.randaug)})")
+
+
+def _as_rng(rng):
+    """The train RNG: a fresh `random.Random` for None, a `SplitMix64` for an int seed, else `rng` itself."""
+    if rng is None:
+        return random.Random()
+    return SplitMix64(rng) if isinstance(rng, int) else rng
 
 
 def normalize_batch(batch: np.ndarray, mean, std, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Shared fixtures: real data paths, one local Ray head per session (loopback, auth mode explicit), MLflow sqlite."""
+"""Shared fixtures: real data paths, one local Ray head per session (token auth, every port on loopback: the head
+``vitpipe run`` starts, via ``raytools.ensure_ray``), MLflow sqlite.
+
+CI policy (tests/support/needs.py): a missing dataset or test dependency skips here with the reason, and fails the
+test when ``CI=true``."""
 
 from __future__ import annotations
 
@@ -6,28 +10,26 @@ import os
 from pathlib import Path
 
 import pytest
+from needs import need_dir, need_module
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 CIFAR10 = SHARED_DATA / "cifar10"
 HYMENOPTERA = SHARED_DATA / "hymenoptera"
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="session")
 def cifar10_root() -> Path:
-    if not (CIFAR10 / "train").is_dir():
-        pytest.skip(f"CIFAR-10 JPEG folders not found at {CIFAR10} (../shared/data beside the repo)")
+    need_dir(CIFAR10 / "train", "CIFAR-10 JPEG folders (../shared/data beside the repo)")
     return CIFAR10
 
 
 @pytest.fixture(scope="session")
 def hymenoptera_root() -> Path:
-    if not (HYMENOPTERA / "train").is_dir():
-        pytest.skip(f"hymenoptera photos not found at {HYMENOPTERA}")
+    need_dir(HYMENOPTERA / "train", "hymenoptera photos")
     return HYMENOPTERA
 
 
@@ -43,8 +45,8 @@ def s3():
     import socket
     import urllib.request
 
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
+    moto_server = need_module("moto.server", "the s3 fixture needs moto[server] (test extra)")
+    s3fs = need_module("s3fs", "the s3 fixture needs s3fs (test extra)")
     mp = pytest.MonkeyPatch()
     for k, v in S3_CREDS.items():
         mp.setenv(k, v)
@@ -67,10 +69,11 @@ def s3():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the whole session (a cold start costs ~30-60 s on 2 cores)."""
+    """One local Ray instance for the whole session (a cold start costs ~30-60 s on 2 cores), started exactly as
+    `vitpipe run` starts it: token auth with the vitpipe token file, every port on 127.0.0.1."""
     import ray
 
-    from vitpipe.jobs.raytools import ensure_ray
+    from vitpipe.jobs.core.raytools import ensure_ray
 
     ensure_ray(num_cpus=2)
     yield ray

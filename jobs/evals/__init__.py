@@ -1,7 +1,10 @@
-"""Evaluation library for vitpipe's eval stages: few-shot linear probes on frozen features and the ViT paper's
-analysis figures (§4.5, Figure 7). Pure torch / numpy / matplotlib: no Ray, MLflow or DeepSpeed here; the stages in
+"""Evaluation library for vitpipe's eval stages: probes on frozen features and the ViT paper's analysis figures
+(§4.5, Figure 7). Pure torch / numpy / scipy / matplotlib: no Ray, MLflow or DeepSpeed here; the stages in
 ``vitpipe.jobs.stages`` call these functions and report what they return through the tracker.
 
-Modules: ``ridge`` (closed-form ridge probe), ``features`` (embedding functions, feature cache), ``fewshot``
-(sampling and the evaluator), ``analysis`` (figures).
+Modules: ``features`` (embedding functions, feature cache), ``registry`` (evaluators by ``type``: ``fewshot``,
+``knn``, ``linear``; one call runs them over a shared feature memo), ``fewshot`` + ``ridge`` (few-shot closed-form
+ridge probe), ``knn`` (DINO's weighted kNN), ``linear_probe`` (full-data logistic regression, λ chosen on a held-out
+slice of train), ``transfer`` (validation vs test roles, transfer score), ``image_bank`` (decoded images kept across
+evaluations of a changing model: in-training evaluation), ``analysis`` (figures).
 """

@@ -27,6 +27,7 @@ __all__ = [
     "attention_rollout",
     "embedding_filters",
     "fewshot_curve",
+    "fewshot_vs_step",
     "finetune_curves",
     "model_figures",
     "posemb_similarity",
@@ -206,10 +207,11 @@ def attention_rollout(model: torch.nn.Module, images: torch.Tensor, out_png: str
 
 
 def fewshot_curve(results_by_model: Mapping[str, Mapping[int, tuple[float, float]]], out_png: str | Path,
-                  task: str, num_classes: int | None = None) -> FigureResult:
+                  task: str, num_classes: int | None = None, split: str = "test") -> FigureResult:
     """Few-shot linear-probe accuracy vs shots per class, one line per model (e.g. pretrained vs random init).
 
-    ``results_by_model[name][k] = (mean, std)`` accuracies in [0, 1] (``fewshot.summarize`` gives this shape).
+    ``results_by_model[name][k] = (mean, std)`` accuracies in [0, 1] (``fewshot.summarize`` gives this shape);
+    ``split`` names what they were scored on (``test``, or ``validation`` for a validation view).
     """
     if not results_by_model or not any(results_by_model.values()):
         raise ValueError("fewshot_curve needs at least one model with results")
@@ -230,11 +232,52 @@ def fewshot_curve(results_by_model: Mapping[str, Mapping[int, tuple[float, float
     ax.set_xticks(sorted(all_k), [str(k) for k in sorted(all_k)])
     ax.minorticks_off()
     ax.set_xlabel("Training images per class (shots)")
-    ax.set_ylabel("Test accuracy (%)")
+    ax.set_ylabel(f"{split.capitalize()} accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{task}: few-shot linear probe (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
+    return FigureResult(_save(fig, out_png), metrics)
+
+
+def fewshot_vs_step(curves: Mapping[str, Mapping[int, Sequence[tuple[float, float, float]]]], out_png: str | Path,
+                    split: str = "validation", baselines: Mapping[str, Mapping[int, float]] | None = None
+                    ) -> FigureResult:
+    """Few-shot accuracy against the pretraining step, one panel per task, one line per shot count, error bars the
+    spread over the few-shot seeds (the paper's Figure 3/4 style, against training progress).
+
+    ``curves[task][k] = [(step, mean, std), ...]`` accuracies in [0, 1] (``vitpipe.jobs.train.evaluation.curves``
+    gives this shape); ``baselines[task][k]`` draws a dotted level per shot count (e.g. another run's final value).
+    Metrics: ``<task>/<k>shot/final`` and ``<task>/<k>shot/best`` (the last and the highest point).
+    """
+    tasks = [t for t, by_k in curves.items() if any(len(v) for v in by_k.values())]
+    if not tasks:
+        raise ValueError("fewshot_vs_step needs at least one task with points")
+    cols = min(3, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig = Figure(figsize=(5.0 * cols, 3.8 * rows), layout="constrained")
+    cmap = matplotlib.colormaps["viridis"]
+    metrics: dict[str, float] = {}
+    for j, task in enumerate(tasks):
+        ax = fig.add_subplot(rows, cols, j + 1)
+        ks = sorted(curves[task])
+        for i, k in enumerate(ks):
+            pts = np.asarray(sorted(curves[task][k]), dtype=float).reshape(-1, 3)
+            if not len(pts):
+                continue
+            color = cmap(i / max(1, len(ks) - 1) * 0.9)
+            ax.errorbar(pts[:, 0], pts[:, 1] * 100, yerr=pts[:, 2] * 100, marker="o", ms=3, capsize=3,
+                        color=color, label=f"{k}-shot")
+            if baselines and k in baselines.get(task, {}):
+                ax.axhline(100 * baselines[task][k], color=color, ls=":", lw=1)
+            metrics[f"{task}/{k}shot/final"] = float(pts[-1, 1])
+            metrics[f"{task}/{k}shot/best"] = float(pts[:, 1].max())
+        ax.set_xlabel("Pretraining step")
+        ax.set_ylabel(f"{split.capitalize()} accuracy (%)")
+        ax.set_title(task, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Few-shot linear probe during pretraining ({split}; mean ± std over seeds)", fontsize=10)
     return FigureResult(_save(fig, out_png), metrics)
 
 

@@ -159,20 +159,34 @@ def model_fingerprint(model: torch.nn.Module, extra: dict | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+_SAFE_PART = re.compile(r"[A-Za-z0-9_=-][A-Za-z0-9._=-]*")
+
+
 def _slug(s: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._=-]+", "_", str(s)).strip("_")
-    if not s:
-        raise ValueError("feature cache key parts must not be empty")
-    return s
+    """One path segment for a cache key part (model key, task, split, ...) that cannot leave its folder.
+
+    A part of letters, digits and ``._=-`` not starting with ``.`` is used as it is. Any other (slashes, ``..``
+    inside, absolute paths, spaces, a leading dot) is sanitised and suffixed with 8 hex digits of its sha256, so
+    it stays one segment inside the cache root and two different parts never share an entry (``a/b`` vs
+    ``a_b``). ``""``, ``.`` and ``..`` are refused with a ValueError.
+    """
+    raw = str(s)
+    if raw in ("", ".", ".."):
+        raise ValueError(f"feature cache key part {raw!r} is not a name (empty, '.' and '..' are refused)")
+    if _SAFE_PART.fullmatch(raw):
+        return raw
+    safe = re.sub(r"[^A-Za-z0-9._=-]+", "_", raw).strip("_.")
+    return f"{safe or 'part'}-{hashlib.sha256(raw.encode()).hexdigest()[:8]}"
 
 
 class FeatureCache:
     """Per-(model, task, split, resolution, representation) feature store under any fsspec URL.
 
     Layout: ``<root>/<model_key>/<task>/<split>-r<resolution>-<representation>/{features.npy, indices.npy,
-    meta.json}``; rows of ``features.npy`` belong to the dataset indices in ``indices.npy`` (sorted). ``meta.json``
-    is written last, so a cache entry is valid only when it is present and agrees with both arrays; an entry from an
-    interrupted write is ignored and rebuilt. One writer per entry at a time (stages are keyed, so that holds).
+    meta.json}``, each key part one path segment inside the root (see ``_slug``); rows of ``features.npy`` belong
+    to the dataset indices in ``indices.npy`` (sorted). ``meta.json`` is written last, so a cache entry is valid
+    only when it is present and agrees with both arrays; an entry from an interrupted write is ignored and rebuilt.
+    One writer per entry at a time (stages are keyed, so that holds).
     """
 
     def __init__(self, root: str) -> None:

@@ -22,6 +22,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from vitpipe.pipeline.fields import runtime_field
+
 from .features import REPRESENTATIONS, EmbedFn, FeatureCache, make_embed_fn, model_fingerprint
 from .ridge import BIAS_CONSTANT, RidgeProbe, ridge_fit_predict
 
@@ -69,7 +71,7 @@ class FewshotConfig:
     """Value of the appended bias feature (big_vision: 100, so the bias is almost unregularised)."""
     test_limit: int | None = None
     """Score on a fixed random subset of this many test images (smoke runs); None = the full test split (paper)."""
-    batch_size: int = 256
+    batch_size: int = runtime_field(256)
     """Images per forward pass when embedding (used by the stage through ``make_embed_fn``)."""
 
     def __post_init__(self) -> None:

@@ -3,32 +3,38 @@ its pretraining sets against the evaluation sets)."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import TYPE_CHECKING, Any
 
-from vitpipe.jobs.graph import StageContext
-from vitpipe.jobs.store import StageResult, join
-from vitpipe.jobs.tasks import make_task
+from vitpipe.jobs.core.store import StageResult
+from vitpipe.jobs.stages.base import StageContext
+from vitpipe.jobs.evals.taskspec import make_task
+from vitpipe.pipeline.fsio import join_url
+
+if TYPE_CHECKING:
+    from vitpipe.jobs.config import PipelineConfig
 
 
 class DedupStage:
     name = "dedup"
     version = "1"
 
-    def inputs(self, cfg: Any) -> list[str]:
+    def inputs(self, cfg: PipelineConfig) -> list[str]:
         return ["ingest"]
 
-    def config(self, cfg: Any) -> dict:
-        return {"tasks": list(cfg.data.dedup_tasks), "max_distance": cfg.data.dedup_max_distance}
+    def reads(self, cfg: PipelineConfig) -> dict[str, Any]:
+        return {"tasks": cfg.data.dedup_tasks, "max_distance": cfg.data.dedup_max_distance}
 
-    def run(self, cfg: Any, ctx: StageContext) -> StageResult:
+    def resources(self, cfg: PipelineConfig) -> dict[str, float] | None:
+        return None  # its own hashing pool
+
+    def run(self, cfg: PipelineConfig, ctx: StageContext) -> StageResult:
         from vitpipe.pipeline.dedup import dedup
 
         report = dedup(ctx.inputs["ingest"].path("manifest"), [make_task(t) for t in cfg.data.dedup_tasks],
                        max_distance=cfg.data.dedup_max_distance)
-        report.save(join(ctx.url, "exclude.json"))
-        if hasattr(ctx.tracker, "text"):
-            import json
-            ctx.tracker.text(json.dumps(report.to_dict(), indent=1), "dedup_report.json")
+        report.save(join_url(ctx.url, "exclude.json"))
+        ctx.tracker.text(json.dumps(report.to_dict(), indent=1), "dedup_report.json")
         return StageResult(stage=self.name, key=ctx.key, artifacts={"exclude": "exclude.json"},
                            metrics={"excluded": report.num_excluded, "matches": len(report.matches),
                                     "pretrain_images": report.num_pretrain, "test_images": report.num_test})

@@ -11,6 +11,8 @@ Loading: the candidates are the checkpoints Ray registered for the run (every ra
 the newest whose manifest verifies is used, the same on every rank. A rollback also reads from storage, never from
 the rank-local folder: on ranks > 0 that holds only the rank's optimizer shard, while DeepSpeed's load needs the
 ``latest`` tag file and (ZeRO 0-2) the model states, both written by rank 0 only.
+
+:class:`RayTrainCheckpointer` is this module as the trainer's checkpointer (``jobs/train/checkpointer.py``).
 """
 
 from __future__ import annotations
@@ -137,3 +139,27 @@ def _rank() -> int:
 
 def _name(cp: Any) -> str:
     return os.path.basename(str(cp.path).rstrip("/"))
+
+
+class RayTrainCheckpointer:
+    """The :class:`~vitpipe.jobs.train.checkpointer.Checkpointer` of a Ray Train worker: ``restored`` is what
+    ``ray.train.get_checkpoint()`` gave the attempt (None: a fresh start); ``upload``:
+    ``pretrain.checkpoint_upload``."""
+
+    def __init__(self, restored: Any, upload: str):
+        self.restored, self.upload = restored, upload
+
+    def resume(self, stack: contextlib.ExitStack) -> str | None:
+        if self.restored is None:
+            return None
+        # the newest complete one Ray holds (the one it restored, or an older one if that is incomplete)
+        _, d = stack.enter_context(newest_verified(committed() or [self.restored], "resume"))
+        return d
+
+    def save(self, engine: Any, *, step: int, rank: int, world: int, client: dict, metrics: dict,
+             fresh_timeline: bool) -> None:
+        save_and_report(engine, step, rank, world, client, metrics, checkpoint_name(step, fresh_timeline),
+                        self.upload)
+
+    def rollback(self, engine: Any, before_verify: Callable[[list[Any]], None] | None = None) -> dict | None:
+        return rollback(engine, before_verify=before_verify)

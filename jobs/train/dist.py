@@ -22,10 +22,3 @@ def gather_floats(value: float) -> list[float]:
     dist.all_gather(out, t)
     return [float(o.item()) for o in out]
 
-
-def all_finite(loss: torch.Tensor) -> bool:
-    """True on every rank iff the loss is finite on every rank (so all ranks skip together)."""
-    flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=_device())
-    if dist.is_initialized():
-        dist.all_reduce(flag)
-    return flag.item() == 0.0

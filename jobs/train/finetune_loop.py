@@ -4,8 +4,8 @@ Ray Train workers; the LR grid (held-out slice) and the final run happen in one 
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -17,25 +17,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitpipe.jobs.configtools import from_dict
-from vitpipe.jobs.tasks import make_task
-from vitpipe.jobs.train.config import FinetuneConfig
+from vitpipe.jobs.evals.taskspec import make_task
 from vitpipe.jobs.train.checkpoint import load_consolidated
+from vitpipe.jobs.train.config import FinetuneConfig
+from vitpipe.jobs.train.consolidated import build_model
 from vitpipe.jobs.train.optim import top1
-from vitpipe.models import ViTConfig, create, load_pretrained
+from vitpipe.jobs.train.spec import FinetuneSpec
 from vitpipe.pipeline import ImageTransform
+from vitpipe.pipeline.tasks import VAL_SUFFIX
 
 log = logging.getLogger("vitpipe.finetune")
 
 
-def build_finetune_model(sd: dict, src: dict, img_size: int, num_classes: int) -> torch.nn.Module:
-    """Pretrained weights at a new resolution (posemb resized from src's grid) with a fresh zero head."""
-    src_cfg = ViTConfig.from_dict(src)
-    dst_cfg = dataclasses.replace(src_cfg, img_size=img_size, num_classes=num_classes, dropout=0.0)
-    model = create(dst_cfg)
-    load_pretrained(model, sd, src_cfg, drop_head=True)
-    model.reset_classifier(num_classes, drop_pre_logits=True)
-    return model
+def build_finetune_model(sd: dict, meta: dict, img_size: int, num_classes: int) -> torch.nn.Module:
+    """Pretrained weights at a new resolution (posemb resized from the export's grid) with a fresh zero head, no
+    dropout, in train mode."""
+    model, _ = build_model(sd, meta, img_size=img_size, num_classes=num_classes, dropout=0.0)
+    return model.train()
 
 
 def cosine_warmup(step: int, total: int, warmup: int) -> float:
@@ -65,16 +63,24 @@ def _batches(task, split: str, indices: np.ndarray, tf, batch: int, rng: np.rand
         epoch += 1
 
 
-def evaluate(model, task, split: str, indices: np.ndarray, img_size: int, batch: int, rank: int, world: int) -> float:
-    """Accuracy over ``indices`` (each rank scores its strided share; counts all-reduced)."""
+def evaluate(model, task, split: str, indices: np.ndarray, img_size: int, batch: int, rank: int, world: int,
+             report: Any = None) -> float:
+    """Accuracy over ``indices`` (each rank scores its strided share; counts all-reduced). A pipeline task's images
+    are decoded in its threads straight to uint8 batches (``task.batches``, as the few-shot features are), other
+    tasks' one by one. ``report``: rank 0's progress sender (images scored, counted over all ranks)."""
     tf = ImageTransform(img_size=img_size, train=False)
     mine = indices[rank::world]
     correct = torch.zeros(2)
+    batches = task.batches(split, mine, tf, batch) if hasattr(task, "batches") else \
+        _batches(task, split, mine, tf, batch, None)
     model.eval()
     with torch.inference_mode():
-        for x, y in _batches(task, split, mine, tf, batch, None):
+        for x, y in batches:
             correct[0] += model(x).argmax(-1).eq(y).sum()
             correct[1] += len(y)
+            if report is not None:
+                report.send("step", step=min(len(indices), int(correct[1]) * world), total=len(indices),
+                            unit="images", info=f"scoring {split}")
     model.train()
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(correct)
@@ -82,8 +88,9 @@ def evaluate(model, task, split: str, indices: np.ndarray, img_size: int, batch:
 
 
 def train_one(model, task, indices: np.ndarray, f: Any, lr: float, steps: int, rank: int, world: int,
-              tracker=None, seed: int = 0) -> tuple[torch.nn.Module, list[tuple[int, float]]]:
-    """Fine-tune ``model`` (DDP-wrapped when distributed) for ``steps``; returns the (EMA) model and loss curve."""
+              tracker=None, seed: int = 0, report: Any = None) -> tuple[torch.nn.Module, list[tuple[int, float]]]:
+    """Fine-tune ``model`` (DDP-wrapped when distributed) for ``steps``; returns the (EMA) model and loss curve.
+    ``report``: rank 0's progress sender (step, loss, throughput every ``log_every`` steps)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     net = DDP(model) if torch.distributed.is_initialized() else model
@@ -95,7 +102,7 @@ def train_one(model, task, indices: np.ndarray, f: Any, lr: float, steps: int, r
     batches = _batches(task, "train", indices[rank::world], ImageTransform(img_size=f.img_size, train=True),
                        per_rank, rng, seed)
     curve = []
-    t0 = time.perf_counter()
+    t0 = t_start = time.perf_counter()
     for step in range(1, steps + 1):
         x, y = next(batches)
         logits = net(x)
@@ -113,26 +120,50 @@ def train_one(model, task, indices: np.ndarray, f: Any, lr: float, steps: int, r
             curve.append((step, loss.item()))
             if tracker is not None:
                 ips = f.batch_size * f.log_every / max(time.perf_counter() - t0, 1e-9)
-                tracker.metrics({"loss": loss.item(), "lr": sched.get_last_lr()[0], "grad_norm": float(gn),
-                                 "train_acc": top1(logits.detach(), y), "images_per_s": ips}, step=step)
+                tracker.metrics({"train/loss": loss.item(), "train/lr": sched.get_last_lr()[0],
+                                 "train/grad_norm": float(gn), "train/acc": top1(logits.detach(), y),
+                                 "train/images_per_s": ips}, step=step)
                 log.info("finetune lr=%g step %d/%d loss %.4f %.1f img/s", lr, step, steps, loss.item(), ips)
                 t0 = time.perf_counter()
+            if report is not None:
+                per_step = (time.perf_counter() - t_start) / step
+                report.send("step", step=step, total=steps, unit="steps", loss=loss.item(),
+                            images_per_s=f.batch_size / max(per_step, 1e-9), eta_s=per_step * (steps - step))
     return (ema if ema is not None else model), curve
 
 
-def finetune_worker(spec: dict) -> None:
-    """Ray Train entry: LR grid on a held-out slice, then the chosen LR on the full train split, test accuracy."""
+def finetune_worker(config: dict, progress: Any = None) -> None:
+    """Ray Train entry (``config``: a :class:`FinetuneSpec` as a dict): LR grid on a held-out slice, then the chosen
+    LR on the full train split, test accuracy. ``progress``: a ``ProgressSender`` rank 0 reports through."""
     import ray.train
 
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    spec = FinetuneSpec.from_dict(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    f: FinetuneConfig = from_dict(FinetuneConfig, spec["finetune"])
+    tracker = spec.tracking.attach() if rank == 0 and spec.tracking else None
+    with tracker.system_metrics() if tracker else contextlib.nullcontext():  # MLflow's CPU/memory/GPU sampling
+        ray.train.report(finetune_rank(spec, rank, world, tracker, progress if rank == 0 else None))
+
+
+def finetune_in_process(spec: FinetuneSpec, tracker: Any, report: Any = None) -> dict[str, float]:
+    """A one-worker fine-tune in this process (no worker group to start): rank 0 of 1, as a Ray Train worker group
+    of one would run it, with this process's torch threads put back afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        with tracker.system_metrics() if tracker is not None else contextlib.nullcontext():
+            return finetune_rank(spec, 0, 1, tracker, report)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def finetune_rank(spec: FinetuneSpec, rank: int, world: int, tracker: Any, report: Any = None) -> dict[str, float]:
+    """One rank's LR grid + final run; returns the stage's result metrics (rank 0 also writes finetune.json).
+    ``report``: rank 0's progress sender (``vitpipe.jobs.train.progress``), None elsewhere."""
+    f: FinetuneConfig = spec.finetune
     torch.set_num_threads(f.cpus_per_worker)
     task = make_task(f.task)
-    sd, meta = load_consolidated(spec["pretrain_url"])
-    tracker = _attach(spec) if rank == 0 else None
+    sd, meta = load_consolidated(spec.pretrain_url)
 
     n = len(task.train_labels)
     perm = np.random.default_rng(f.seed).permutation(n)
@@ -151,32 +182,33 @@ def finetune_worker(spec: dict) -> None:
         hold, fit = np.sort(shuffled[:cut]), np.sort(shuffled[cut:])
         for lr in f.lr_grid:
             torch.manual_seed(f.seed)
-            model = build_finetune_model(sd, meta["config"], f.img_size, len(task.classes))
+            model = build_finetune_model(sd, meta, f.img_size, len(task.classes))
             child = tracker.child(f"lr={lr:g}", tags={"vitpipe.grid_point": "true"}) if tracker else None
-            model, _ = train_one(model, task, fit, f, lr, f.grid_steps or f.steps, rank, world, child, f.seed)
-            grid[lr] = evaluate(model, task, "train", hold, f.img_size, f.eval_batch_size, rank, world)
+            if report is not None:
+                report.send("phase", text=f"lr grid: {lr:g}")
+            model, _ = train_one(model, task, fit, f, lr, f.grid_steps or f.steps, rank, world, child, f.seed,
+                                 report)
+            grid[lr] = evaluate(model, task, "train", hold, f.img_size, f.eval_batch_size, rank, world, report)
             if child:
                 child.params({"lr": lr, "holdout_size": len(hold)})
-                child.metrics({"holdout_acc": grid[lr]})
+                child.metrics({f"eval/{task.name}{VAL_SUFFIX}/finetune": grid[lr]})
                 child.finish()
         best_lr = max(grid, key=lambda k: (grid[k], -k))
 
     torch.manual_seed(f.seed)
-    model = build_finetune_model(sd, meta["config"], f.img_size, len(task.classes))
-    model, curve = train_one(model, task, train_idx, f, best_lr, f.steps, rank, world, tracker, f.seed)
-    acc = evaluate(model, task, "test", test_idx, f.img_size, f.eval_batch_size, rank, world)
-    metrics = {"test_acc": acc, "lr": best_lr, **{f"holdout_acc/lr_{k:g}": v for k, v in grid.items()}}
+    model = build_finetune_model(sd, meta, f.img_size, len(task.classes))
+    t0 = time.perf_counter()
+    model, curve = train_one(model, task, train_idx, f, best_lr, f.steps, rank, world, tracker, f.seed, report)
+    t1 = time.perf_counter()
+    acc = evaluate(model, task, "test", test_idx, f.img_size, f.eval_batch_size, rank, world, report)
+    timing = {"train_s": t1 - t0, "test_s": time.perf_counter() - t1}  # where the stage's time goes (demo_time)
+    log.info("finetune: %d steps in %.1fs, %d test images scored in %.1fs", f.steps, timing["train_s"],
+             len(test_idx), timing["test_s"])
+    # the stage run gets these once, from the stage's result (jobs.core.metric_names)
+    metrics = {f"eval/{task.name}/finetune": acc, "train/chosen_lr": best_lr,
+               **{f"eval/{task.name}{VAL_SUFFIX}/finetune_lr_{k:g}": v for k, v in grid.items()}}
     if rank == 0:
-        if tracker:
-            tracker.metrics({"test_acc": acc, "chosen_lr": best_lr})
-        with fsspec.open(f"{spec['out_url']}/finetune.json", "w") as fh:
-            json.dump({"metrics": metrics, "curve": curve}, fh)
-    ray.train.report(metrics)
+        with fsspec.open(f"{spec.out_url}/finetune.json", "w") as fh:
+            json.dump({"metrics": metrics, "curve": curve, "task": task.name, "timing": timing}, fh)
+    return metrics
 
-
-def _attach(spec: dict):
-    if not spec.get("mlflow_run_id"):
-        return None
-    from vitpipe.jobs.tracking import MlflowTracker
-
-    return MlflowTracker.attach(spec["tracking_uri"], spec["mlflow_run_id"])

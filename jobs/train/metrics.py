@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,31 +27,69 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def memory_metrics(device: torch.device) -> dict[str, float]:
-    """``peak_mem_gb`` (GPU) or ``peak_rss_gb`` (CPU): the max over ranks, and ``<key>/rank{r}`` for every rank.
+    """``system/peak_mem_gb`` (GPU) or ``system/peak_rss_gb`` (CPU): the max over ranks, and ``<key>/rank{r}`` for
+    every rank.
     Collective: call it on every rank at the same step."""
     peaks = gather_floats(peak_memory_gb(device))
-    key = "peak_mem_gb" if device.type == "cuda" else "peak_rss_gb"
+    key = "system/peak_mem_gb" if device.type == "cuda" else "system/peak_rss_gb"
     return {key: max(peaks), **{f"{key}/rank{r}": v for r, v in enumerate(peaks)}}
 
 
-def log_window(tracker: Any, engine: Any, w: dict, fl: dict, p: PretrainConfig, world: int, step: int,
+@dataclass
+class MetricWindow:
+    """What the loop accumulates between two logging steps. Loss and accuracy stay on the device (adding them is
+    queued like any kernel); :func:`log_window` reads them back once."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    """Seconds spent waiting for batches."""
+    images: int = 0
+    steps: int = 0
+    """Optimizer steps counted in ``loss``."""
+    n: int = 0
+    """Micro-batches counted in ``acc``."""
+    loss: torch.Tensor | None = None
+    """Sum of the steps' mean losses (a 0-d device tensor)."""
+    acc: torch.Tensor | None = None
+    """Sum of the micro-batches' top-1 accuracies (a 0-d device tensor)."""
+
+    def add(self, loss_sum: torch.Tensor, acc_sum: torch.Tensor, micro_batches: int, images: int) -> None:
+        """One finished optimizer step: the sums of its micro-batches' losses and accuracies."""
+        loss = loss_sum.detach().float() / micro_batches
+        acc = acc_sum.detach().float()
+        self.loss = loss if self.loss is None else self.loss + loss
+        self.acc = acc if self.acc is None else self.acc + acc
+        self.steps += 1
+        self.n += micro_batches
+        self.images += images
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+def log_window(tracker: Any, engine: Any, w: MetricWindow, fl: dict, p: PretrainConfig, world: int, step: int,
                epoch: int, extra: dict[str, float]) -> dict[str, float]:
-    """Rank 0: the metrics of the window since the last log (plus ``extra``) to the tracker and the log; resets it."""
-    dt = max(time.perf_counter() - w["t0"], 1e-9)
-    n_steps = max(1, w["images"] // p.global_batch)
-    ips = w["images"] / dt
+    """Rank 0: the metrics of the window since the last log (plus ``extra``) to the tracker and the log; resets it.
+    The one read-back of the window's device values (loss, accuracy, gradient norm) is one host sync."""
+    dt = max(time.perf_counter() - w.t0, 1e-9)
+    ips = w.images / dt
     gn = engine.get_global_grad_norm()
-    m = {"loss": w["loss"] / n_steps, "train_acc": w["acc"] / max(1, w["n"]), "lr": engine.get_lr()[0],
-         "images_per_s": ips, "tflops": ips * fl["train_flops"] / 1e12,
-         "data_wait_frac": w["wait"] / dt, "epoch": epoch, **extra}
-    if gn is not None and math.isfinite(float(gn)):
-        m["grad_norm"] = float(gn)
+    dev = w.loss.device if w.loss is not None else torch.device("cpu")
+    zero = torch.zeros((), device=dev)
+    loss_sum, acc_sum, gnorm = torch.stack([
+        w.loss if w.loss is not None else zero, w.acc if w.acc is not None else zero,
+        torch.as_tensor(gn if gn is not None else float("nan"), dtype=torch.float32).to(dev).reshape(())]).tolist()
+    m = {"train/loss": loss_sum / max(1, w.steps), "train/acc": acc_sum / max(1, w.n), "train/lr": engine.get_lr()[0],
+         "train/images_per_s": ips, "train/tflops": ips * fl["train_flops"] / 1e12, "train/epoch": epoch,
+         "train/data/wait_frac": w.wait / dt, **extra}
+    if math.isfinite(gnorm):
+        m["train/grad_norm"] = gnorm
     if p.peak_tflops:
-        m["mfu"] = m["tflops"] / (p.peak_tflops * world)
+        m["train/mfu"] = m["train/tflops"] / (p.peak_tflops * world)
     if tracker:
         tracker.metrics(m, step=step)
     eta = (p.steps - step) * p.global_batch / max(ips, 1e-9)
     log.info("pretrain step %d/%d (%.0f%%) loss %.4f lr %.2e %.1f img/s data-wait %.0f%% eta %.0fs", step, p.steps,
-             100 * step / p.steps, m["loss"], m["lr"], ips, 100 * m["data_wait_frac"], eta)
-    w.update(t0=time.perf_counter(), wait=0.0, images=0, loss=0.0, acc=0.0, n=0)
+             100 * step / p.steps, m["train/loss"], m["train/lr"], ips, 100 * m["train/data/wait_frac"], eta)
+    w.reset()
     return m

@@ -5,18 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Learned embeddings are not decayed (as in the original code and nanoGPT's configure_optimizers): they are
-# 3-D tensors, so the ``ndim < 2`` rule alone would decay them.
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "reg_token")
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weight matrices/kernels decayed; biases, norms and embeddings not."""
+    """Two groups: weight matrices/kernels decayed; biases, norms (``ndim < 2``) and the parameters the model names
+    in ``no_weight_decay()`` (learned embeddings and tokens) not. The original code decays only dense/conv kernels
+    (big_vision's ``.*/kernel``); nanoGPT's rule (every >= 2-D tensor) would also decay the position embedding
+    and class token, which are 3-D."""
+    skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or any(n in name for n in NO_DECAY_NAMES):
+        if p.ndim < 2 or name in skip:
             no_decay.append(p)
         else:
             decay.append(p)
@@ -34,14 +33,22 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -
             return torch.sum(-labels * F.log_softmax(logits, -1), -1).div(labels.sum(-1).clamp_min(1)).mean()
         return F.cross_entropy(logits, labels)
     if kind == "sigmoid":
-        target = labels.float() if labels.ndim == 2 else F.one_hot(labels, logits.shape[-1]).float()
+        # scatter, not F.one_hot: one_hot checks the label range with two host reads (device syncs)
+        target = labels.float() if labels.ndim == 2 else torch.zeros_like(logits).scatter_(1, labels[:, None], 1.0)
         return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1).mean()
     raise ValueError(f"unknown loss '{kind}' (expected softmax or sigmoid)")
 
 
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy (for multi-hot labels: the predicted class is one of the positives)."""
+def top1_tensor(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy as a 0-d tensor on the logits' device (no host read). For (B, C) targets (multi-hot, smoothed
+    or mixed) a hit is a predicted class holding the row's largest target (one of the positives; the larger part of
+    a mix)."""
     pred = logits.argmax(-1)
     if labels.ndim == 2:
-        return labels.gather(1, pred[:, None]).gt(0).float().mean().item()
-    return pred.eq(labels).float().mean().item()
+        return labels.gather(1, pred[:, None]).squeeze(1).ge(labels.amax(-1)).float().mean()
+    return pred.eq(labels).float().mean()
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """:func:`top1_tensor` read back as a float."""
+    return top1_tensor(logits, labels).item()

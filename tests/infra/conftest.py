@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import pytest
 import yaml
+from needs import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
@@ -110,7 +111,7 @@ def tool() -> Callable[[str], str]:
         candidate = Path(sys.executable).parent / name
         found = str(candidate) if candidate.exists() else shutil.which(name)
         if not found:
-            pytest.skip(f"{name} not installed (pip install {_PIP_NAMES.get(name, name)})")
+            skip_or_fail(f"{name} not installed (pip install {_PIP_NAMES.get(name, name)})")
         return found
 
     return find

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import jsonschema
 import pytest
+from needs import need_module
 
 SENSITIVE_ENV = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
 RAY_CONTAINERS = ("ray-head", "ray-worker")
@@ -304,7 +305,7 @@ K8S_VERSION = "1.33"
 
 @pytest.fixture(scope="module")
 def k8s_validate():
-    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate for k8s schemas")
+    kv = need_module("kubernetes_validate", reason="pip install kubernetes-validate for k8s schemas")
 
     def validate(obj: dict[str, Any]) -> None:
         kv.validate(obj, K8S_VERSION, strict=True)

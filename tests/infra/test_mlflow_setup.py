@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from needs import skip_or_fail
 
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|_KEY$|ROOT_USER")
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}; $$ escapes.
@@ -73,7 +74,7 @@ def test_compose_matches_compose_spec(compose):
         schema_file = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
         schema = json.loads(schema_file.read_text())
     except (ModuleNotFoundError, FileNotFoundError):
-        pytest.skip("pip install check-jsonschema for the vendored compose-spec schema")
+        skip_or_fail("pip install check-jsonschema for the vendored compose-spec schema")
     jsonschema.validate(compose, schema, cls=jsonschema.validators.validator_for(schema))
     broken = json.loads(json.dumps(compose))
     broken["services"]["mlflow"]["depends_on"]["postgres"]["condition"] = "service_ready"
@@ -152,6 +153,17 @@ def test_server_image_pins_vitpipe_mlflow(infra, compose, exact_pins):
     assert f"ARG MLFLOW_VERSION={exact_pins['mlflow']}" in text
     assert compose["services"]["mlflow"]["image"].endswith(f":{exact_pins['mlflow']}")
     assert re.search(r"^USER \d+", text, re.M) and "USER 0" not in text
+
+
+def test_server_image_defaults_to_loopback_with_auth(infra, compose):
+    text = (infra / "mlflow" / "Dockerfile").read_text()
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
+    assert cmd[:2] == ["mlflow", "server"] and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--app-name") + 1] == "basic-auth"
+    assert re.search(r"^COPY basic_auth\.ini /etc/mlflow/basic_auth\.ini$", text, re.M)
+    assert re.search(r"^ENV MLFLOW_AUTH_CONFIG_PATH=/etc/mlflow/basic_auth\.ini$", text, re.M)
+    # compose chooses its in-container bind explicitly (the host side stays on MLFLOW_BIND=127.0.0.1).
+    assert "--host=0.0.0.0" in compose["services"]["mlflow"]["command"]
 
 
 def test_basic_auth_ini_has_no_password(infra):

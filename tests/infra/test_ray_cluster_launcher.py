@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 
 import pytest
+from needs import need_module
 
-ray_util = pytest.importorskip("ray.autoscaler._private.util", reason="ray is needed for its config validator")
+ray_util = need_module("ray.autoscaler._private.util", reason="ray is needed for its config validator")
 
 
 def validated(cfg: dict) -> dict:

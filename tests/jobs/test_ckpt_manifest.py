@@ -83,8 +83,7 @@ def _fallback_worker(rank: int, port: int, root: str, out: dict) -> None:
     from vitpipe.jobs.train import checkpoint as ckpt
     from vitpipe.jobs.train import ckpt_store
     from vitpipe.jobs.train.config import PretrainConfig
-    from vitpipe.jobs.train.ds_config import deepspeed_config
-    from vitpipe.jobs.train.optim import param_groups
+    from vitpipe.jobs.train.engine import build_engine
     from vitpipe.models import create
 
     warnings: list[str] = []
@@ -97,8 +96,7 @@ def _fallback_worker(rank: int, port: int, root: str, out: dict) -> None:
     def engine(seed):
         torch.manual_seed(seed)
         model = create("mu/4", img_size=16, num_classes=5)
-        cfg = deepspeed_config(p, world_size=1, device="cpu", num_params=0)
-        return deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=cfg)[0]
+        return build_engine(model, p, world_size=1, device=torch.device("cpu"), num_params=0)[0]
 
     a = engine(0)
     saved = {}

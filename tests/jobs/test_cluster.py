@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 from ray.job_submission import JobDetails, JobStatus
 
-from vitpipe.jobs import cluster, cluster_mlflow, cluster_status
-from vitpipe.jobs.configtools import apply_overrides, to_dict
-from vitpipe.jobs.recipes import get_recipe
-from vitpipe.jobs.store import StageResult, Store
+from vitpipe.jobs.cluster import links as cluster_links
+from vitpipe.jobs.cluster import status as cluster_status
+from vitpipe.jobs.cluster import submit as cluster
+from vitpipe.jobs.core.configtools import apply_overrides, to_dict
+from vitpipe.jobs.config.recipes import get_recipe
+from vitpipe.jobs.core.store import StageResult, Store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,7 +47,7 @@ def test_the_real_checkout_stages_small():
     with tempfile.TemporaryDirectory() as tmp:
         dest = cluster.stage_code(cluster.project_root(), tmp)
         files = [p for p in dest.rglob("*") if p.is_file()]
-        assert (dest / "vitpipe" / "jobs" / "cluster.py").is_file()
+        assert (dest / "vitpipe" / "jobs" / "cluster" / "submit.py").is_file()
         assert not any(".git" in p.parts or ".venv" in p.parts or "runs" in p.parts for p in files)
         assert sum(p.stat().st_size for p in files) < 20 << 20
 
@@ -108,10 +110,66 @@ def test_job_env_forwards_settings_never_secrets(monkeypatch):
     assert env["VITPIPE_STORE"] == "s3://bucket/runs" and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["RAY_AUTH_MODE"] == "token"  # explicit, as the submitter has it
     assert "s3cr3t" not in env.values() and "pw" not in env.values()
-    assert cluster.job_env(cluster.SubmitOptions(env=("MLFLOW_TRACKING_PASSWORD",)), None)[
-        "MLFLOW_TRACKING_PASSWORD"] == "pw"  # only when named explicitly
+    monkeypatch.setenv("VITPIPE_DEBUG_LEVEL", "2")
+    assert cluster.job_env(cluster.SubmitOptions(env=("VITPIPE_DEBUG_LEVEL",)), None)["VITPIPE_DEBUG_LEVEL"] == "2"
     with pytest.raises(cluster.ClusterError, match="--env NOPE: not set"):
         cluster.job_env(cluster.SubmitOptions(env=("NOPE",)), None)
+    # Secret-looking names are refused even when named explicitly (the dashboard shows env vars to everyone).
+    for name in ("MLFLOW_TRACKING_PASSWORD", "HF_TOKEN", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+                 "AZURE_STORAGE_ACCOUNT_KEY"):
+        monkeypatch.setenv(name, "v")
+        with pytest.raises(cluster.ClusterError, match=f"--env {name}: looks like a secret"):
+            cluster.job_env(cluster.SubmitOptions(env=(name,)), None)
+    # So are settings whose value carries a credential, without echoing it.
+    monkeypatch.setenv("VITPIPE_STORE", "s3://AKIA:se/cret@minio:9000/runs")
+    with pytest.raises(cluster.ClusterError, match=r"\$VITPIPE_STORE carries a credential") as e:
+        cluster.job_env(cluster.SubmitOptions(), None)
+    assert "se/cret" not in str(e.value)
+
+
+def test_stage_code_never_uploads_secrets_by_name(tmp_path):
+    src = tmp_path / "checkout"
+    secret_files = (".env", ".env.local", "infra/mlflow/.env", "prod.env", "tls/server.pem", "tls/server.key",
+                    "certs/client.p12", ".aws/credentials", ".netrc", ".ssh/id_rsa", "id_ed25519.pub",
+                    ".git-credentials", ".pypirc", ".kube/config", "deploy/prod.kubeconfig", ".ray/auth_token",
+                    ".config/vitpipe/ray_token", ".docker/config.json", "gcp/service-account-prod.json")
+    for rel in ("jobs/cli.py", "infra/mlflow/README.md", *secret_files):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text("x")
+    dest = cluster.stage_code(src, tmp_path / "up")
+    got = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
+    assert got == {"vitpipe/jobs/cli.py", "vitpipe/infra/mlflow/README.md"}
+
+
+@pytest.mark.parametrize("rel,content,what", [
+    ("notes/deploy.txt", "-----BEGIN " + "EC PRIVATE KEY-----\nMHcC\n", "a PEM private key"),
+    ("conf/boto.cfg", "[default]\n" + "aws_secret_access" + "_key = wJalrXUtnFEMIK7MDENGbPxRfiCY\n",
+     "an aws_secret_access_key"),
+    ("infra/settings", "MLFLOW_URI=http://x\n" + "MLFLOW_TRACKING_" + "PASSWORD=hunter22\n",
+     "a MLFLOW_TRACKING_PASSWORD= line"),
+])
+def test_stage_code_refuses_credentials_by_content(tmp_path, rel, content, what):
+    src = tmp_path / "checkout"
+    (src / rel).parent.mkdir(parents=True)
+    (src / rel).write_text(content)
+    (src / "ok.py").write_text('PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"\n')
+    with pytest.raises(cluster.ClusterError, match=f"refusing to upload {rel}: it holds {what}; move it out") as e:
+        cluster.stage_code(src, tmp_path / "up")
+    assert "hunter22" not in str(e.value) and "wJalr" not in str(e.value)
+
+
+def test_connect_without_a_token_when_one_is_required_is_one_line(tmp_path, monkeypatch):
+    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(cluster.ClusterError, match="^RAY_AUTH_MODE=token but no Ray auth token found: set "
+                                                   "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH$"):
+        cluster.connect("http://127.0.0.1:9")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "nope"))
+    with pytest.raises(cluster.ClusterError, match="RAY_AUTH_TOKEN_PATH=.*nope: no Ray token there"):
+        cluster.connect("http://127.0.0.1:9")
 
 
 def test_credentials_in_the_config_are_refused_without_echoing_them():
@@ -133,10 +191,10 @@ def test_entrypoint_interpreter():
 
 
 def test_mlflow_link_never_shows_credentials():
-    assert cluster_mlflow.mlflow_link("http://u:pw@127.0.0.1:1/", "abc").startswith("http://127.0.0.1:1 (run abc)")
-    assert "pw" not in cluster_mlflow.mlflow_link("http://u:pw@127.0.0.1:1/", "abc")
-    assert cluster_mlflow.mlflow_link("sqlite:////tmp/m.db", "abc").startswith("mlflow ui --backend-store-uri sqlite")
-    assert cluster_mlflow.mlflow_link("http://x", None) == ""
+    assert cluster_links.mlflow_link("http://u:pw@127.0.0.1:1/", "abc").startswith("http://127.0.0.1:1 (run abc)")
+    assert "pw" not in cluster_links.mlflow_link("http://u:pw@127.0.0.1:1/", "abc")
+    assert cluster_links.mlflow_link("sqlite:////tmp/m.db", "abc").startswith("mlflow ui --backend-store-uri sqlite")
+    assert cluster_links.mlflow_link("http://x", None) == ""
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path):
@@ -184,7 +242,7 @@ def test_rerun_unknown_stage_is_one_line(tmp_path):
 
 
 def test_pending_workers_are_timed_across_ray_trains_placement_attempts():
-    from vitpipe.jobs.cluster_diagnose import PendingClock
+    from vitpipe.jobs.cluster.diagnose import PendingClock
 
     # Ray Train re-asks for its workers under a new placement group every attempt (5 s here): the wait spans them.
     clock = PendingClock(gap_s=15)

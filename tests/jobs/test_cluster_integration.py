@@ -77,8 +77,8 @@ def test_rerun_one_stage_under_the_same_parent(svc):
 
 
 def test_stop_marks_runs_killed_and_resume_continues_from_the_checkpoint(svc):
-    from vitpipe.jobs import cluster
-    from vitpipe.jobs import cluster_status
+    from vitpipe.jobs.cluster import submit as cluster
+    from vitpipe.jobs.cluster import status as cluster_status
 
     tiny = svcmod.finished_tiny(svc)  # ingest is cached in this store; pretrain gets a new key (more steps)
     store = tiny["store"]
@@ -114,7 +114,7 @@ def test_stop_marks_runs_killed_and_resume_continues_from_the_checkpoint(svc):
                if k.data.tags.get("vitpipe.stage") == "pretrain"
                and k.data.tags.get("vitpipe.attempt", "").startswith("resume")]
     assert len(resumed) == 1
-    steps = [m.step for m in mlc.get_metric_history(resumed[0].info.run_id, "loss")]
+    steps = [m.step for m in mlc.get_metric_history(resumed[0].info.run_id, "train/loss")]
     assert steps and min(steps) > 25 and max(steps) >= 275, steps  # restored from a checkpoint, not step 0
 
 

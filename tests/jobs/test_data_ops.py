@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vitpipe.jobs.data_ops import ray_ingest
+from vitpipe.jobs.stages.ingest import ray_ingest
 from vitpipe.pipeline import IngestConfig, ingest
 
 
@@ -33,7 +33,7 @@ def test_ingested_shard_sets_are_a_task(tmp_path, cifar10_root):
     """Tasks are data: an ingested train/test shard pair serves the same images as the folder it came from."""
     import numpy as np
 
-    from vitpipe.jobs.tasks import make_task
+    from vitpipe.jobs.evals.taskspec import make_task
 
     for split in ("train", "test"):
         ingest(str(cifar10_root), str(tmp_path / split), IngestConfig(split=split, limit_per_class=3,

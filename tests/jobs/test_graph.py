@@ -2,11 +2,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from vitpipe.jobs.configtools import ConfigError, apply_overrides
-from vitpipe.jobs.graph import plan
-from vitpipe.jobs.runner import run_pipeline
-from vitpipe.jobs.store import StageResult, Store
-from vitpipe.jobs.tracking import NullTracker
+from vitpipe.jobs.core.configtools import ConfigError, apply_overrides
+from vitpipe.jobs.run.graph import plan
+from vitpipe.jobs.run.runner import run_pipeline
+from vitpipe.jobs.core.store import StageResult, Store
+from vitpipe.jobs.core.tracking import NullTracker
 
 
 @dataclass(kw_only=True)
@@ -26,8 +26,11 @@ class Toy:
     def inputs(self, cfg):
         return self.deps
 
-    def config(self, cfg):
-        return getattr(cfg, self.section)
+    def resources(self, cfg):
+        return None
+
+    def reads(self, cfg):
+        return {self.section: getattr(cfg, self.section)}
 
     def run(self, cfg, ctx):
         self.calls.append(self.name)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import cluster_services as svcmod
 import pytest
+from needs import need_dir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -76,8 +77,7 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path):
-    if not svcmod.CIFAR10.joinpath("train").is_dir():
-        pytest.skip(f"CIFAR-10 JPEG folders not found at {svcmod.CIFAR10}")
+    need_dir(svcmod.CIFAR10 / "train", "CIFAR-10 JPEG folders")
     c = Cluster(tmp_path)
     try:
         yield c
@@ -108,8 +108,8 @@ def test_spread_pretraining_survives_losing_its_node(cluster):
                  "pretrain.placement_strategy=STRICT_SPREAD", f"pretrain.steps={STEPS}",
                  f"pretrain.checkpoint_every={EVERY}", "pretrain.max_failures=2",
                  f"pretrain.placement_timeout_s={PLACEMENT_S}"]
-    sub = svc.cli("submit", *svcmod.tiny_overrides(store, *overrides), "--env", "VITPIPE_PRETRAIN_DEBUG",
-                  "--env", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", VITPIPE_PRETRAIN_DEBUG=json.dumps(debug),
+    sub = svc.cli("submit", *svcmod.tiny_overrides(store, *overrides), "--env", "VITPIPE_TEST_HOOKS",
+                  "--env", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", VITPIPE_TEST_HOOKS=json.dumps(debug),
                   RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=str(ATTEMPT_S))
     assert sub.returncode == 0, sub.stdout + sub.stderr
     job = svcmod.job_id_from(sub.stdout)
@@ -148,7 +148,7 @@ def test_spread_pretraining_survives_losing_its_node(cluster):
     # 3. With a new node, the resume command finishes the run from the step-8 checkpoint.
     d = cluster.join("d")
     res = svc.cli("resume", run_id, "--store", str(store), timeout=600,
-                  VITPIPE_PRETRAIN_DEBUG=json.dumps({"record_keys": True}))
+                  VITPIPE_TEST_HOOKS=json.dumps({"record_keys": True}))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rec = svcmod.read_run(store, run_id)
     assert rec["status"] == "FINISHED"

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from vitpipe.jobs.cli import stages_for
+from vitpipe.jobs.stages import stages_for
 from vitpipe.jobs.config import resolve_paths
-from vitpipe.jobs.configtools import apply_overrides
-from vitpipe.jobs.recipes import get_recipe
-from vitpipe.jobs.runner import run_pipeline
+from vitpipe.jobs.core.configtools import apply_overrides
+from vitpipe.jobs.config.recipes import get_recipe
+from vitpipe.jobs.run.runner import run_pipeline
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,12 +46,27 @@ def test_tiny_pipeline_runs_caches_and_reruns_one_stage(tmp_path, cifar10_root, 
     kids = _children(client, first.mlflow_run_id)
     assert set(kids) == set(cfg.stages)
     assert all(k.info.status == "FINISHED" for k in kids.values())
-    losses = client.get_metric_history(kids["pretrain"].info.run_id, "loss")
+    losses = client.get_metric_history(kids["pretrain"].info.run_id, "train/loss")
     assert len(losses) == cfg.pretrain.steps // cfg.pretrain.log_every  # per-step logging from rank 0
-    for m in ("lr", "images_per_s", "grad_norm"):
+    for m in ("train/lr", "train/images_per_s", "train/grad_norm"):
         assert client.get_metric_history(kids["pretrain"].info.run_id, m)
-    assert "pretrained/cifar10/5shot/mean" in kids["fewshot"].data.metrics
-    assert 0.0 <= kids["finetune"].data.metrics["test_acc"] <= 1.0
+    few = kids["fewshot"].data.metrics
+    assert {"eval/cifar10/5shot", "eval/cifar10/5shot_std", "eval/cifar10/random_init/5shot"} <= set(few)
+    assert not [k for k in few if "seed" in k]  # per-seed values stay in the stored result, not in MLflow
+    assert 0.0 <= kids["finetune"].data.metrics["eval/cifar10/finetune"] <= 1.0
+    assert client.get_metric_history(kids["finetune"].info.run_id, "train/loss")
+    # the parent shows each stage's results once and the stage times; the report stage copies none of them
+    assert parent.data.metrics["eval/cifar10/5shot"] == few["eval/cifar10/5shot"]
+    assert {f"system/stage_seconds/{s}" for s in cfg.stages} <= set(parent.data.metrics)
+    assert not kids["report"].data.metrics.keys() - {"system/stage_seconds"}
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # the pretraining data is the pretrain run's dataset input: the ingested manifest minus dedup's exclusions
+    (data,) = kids["pretrain"].inputs.dataset_inputs
+    ingested, excluded = first.results["ingest"].metrics["num_samples"], first.results["dedup"].metrics["excluded"]
+    assert (data.dataset.name, json.loads(data.dataset.source)["uri"]) == \
+        ("cifar10-train", first.results["ingest"].path("manifest"))
+    assert json.loads(data.dataset.profile)["num_samples"] == ingested - excluded
     assert "manifest.json" in {a.path for a in client.list_artifacts(kids["ingest"].info.run_id)}
     figs = {a.path for a in client.list_artifacts(kids["analysis"].info.run_id, "figures")}
     assert "figures/attention_distance.png" in figs
@@ -86,11 +102,12 @@ def test_tiny_pipeline_runs_caches_and_reruns_one_stage(tmp_path, cifar10_root, 
     assert ran == {"finetune", "analysis", "report"}
     assert third.results["pretrain"].key == first.results["pretrain"].key
     ft = third.results["finetune"].metrics
-    assert ft["lr"] in (0.003, 0.03) and {"holdout_acc/lr_0.003", "holdout_acc/lr_0.03"} <= set(ft)
+    assert ft["train/chosen_lr"] in (0.003, 0.03)
+    assert {"eval/cifar10.val/finetune_lr_0.003", "eval/cifar10.val/finetune_lr_0.03"} <= set(ft)
     ft_run = _children(client, third.mlflow_run_id)["finetune"].info.run_id
     grid = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{ft_run}'")
     assert sorted(r.data.params["lr"] for r in grid) == ["0.003", "0.03"]
-    assert all("holdout_acc" in r.data.metrics for r in grid)
+    assert all("eval/cifar10.val/finetune" in r.data.metrics for r in grid)
 
 
 def test_cli_user_errors_are_one_line(tmp_path):
@@ -115,10 +132,8 @@ def test_mpp_objective_pretrains_and_feeds_the_same_evals(tmp_path, cifar10_root
                "tracking.enabled=false", "fewshot.random_init_baseline=false", "fewshot.tasks=digits")
     summary = run_pipeline(cfg, stages_for(cfg), progress=False)
     pre = summary.results["pretrain"]
-    assert pre.metrics["final_loss"] < 6.2383  # below log(512): the colour head learned something in 6 steps
-    import json
-
+    assert pre.info["final"]["train/loss"] < 6.2383  # below log(512): the colour head learned something in 6 steps
     import fsspec
     with fsspec.open(f"{pre.url}/model.json") as f:
         assert json.load(f)["objective"] == "mpp"
-    assert 0.0 < summary.results["fewshot"].metrics["pretrained/digits/5shot/mean"] <= 1.0
+    assert 0.0 < summary.results["fewshot"].metrics["eval/digits/5shot"] <= 1.0

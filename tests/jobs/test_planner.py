@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from vitpipe.jobs.configtools import apply_overrides
-from vitpipe.jobs.planner import (Gpus, activation_bytes, parse_gpus, plan_compute, stage_plan, state_bytes)
-from vitpipe.jobs.recipes import get_recipe
-from vitpipe.jobs.store import StageResult, Store
+from vitpipe.jobs.core.configtools import apply_overrides
+from vitpipe.jobs.run.planning import stage_plan
+from vitpipe.jobs.train.compute import Gpus, activation_bytes, parse_gpus, plan_compute, state_bytes
+from vitpipe.jobs.config.recipes import get_recipe
+from vitpipe.jobs.core.store import StageResult, Store
 from vitpipe.models import ViTConfig
 
 

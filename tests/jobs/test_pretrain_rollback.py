@@ -10,12 +10,12 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from vitpipe.jobs.cli import stages_for
+from vitpipe.jobs.stages import stages_for
 from vitpipe.jobs.config import resolve_paths
-from vitpipe.jobs.configtools import apply_overrides, to_dict
-from vitpipe.jobs.recipes import get_recipe
-from vitpipe.jobs.runner import run_pipeline
-from vitpipe.jobs.tracking import NullTracker
+from vitpipe.jobs.core.configtools import apply_overrides
+from vitpipe.jobs.config.recipes import get_recipe
+from vitpipe.jobs.run.runner import run_pipeline
+from vitpipe.jobs.core.tracking import NullTracker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BUCKET = "vitpipe-test"  # tests/conftest.py S3_BUCKET
@@ -51,9 +51,11 @@ def test_nan_rolls_back_past_a_damaged_checkpoint_with_async_s3_upload(tmp_path,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from vitpipe.jobs.tracking import MlflowTracker
+    from vitpipe.jobs.core.tracking import MlflowTracker
     from vitpipe.jobs.train.ckpt_manifest import verify
-    from vitpipe.jobs.train.loop import pretrain_worker
+    from vitpipe.jobs.train.hooks import TEST_HOOKS_ENV
+    from vitpipe.jobs.train.spec import PretrainSpec, TrackerRef
+    from vitpipe.jobs.train.trainer import pretrain_worker
 
     opts = s3  # the moto server of tests/conftest.py, bucket BUCKET
     port = int(opts["endpoint_url"].rsplit(":", 1)[1])
@@ -61,22 +63,21 @@ def test_nan_rolls_back_past_a_damaged_checkpoint_with_async_s3_upload(tmp_path,
                "pretrain.keep_checkpoints=2", "pretrain.checkpoint_upload=async")
     tracker = MlflowTracker.start(mlflow_uri, "rollback", "pretrain")
     out_url = str(tmp_path / "out")
-    spec = {"model": cfg.model.to_dict(), "pretrain": to_dict(cfg.pretrain), "manifest_url": ingested[1],
-            "out_url": out_url, "tracking_uri": mlflow_uri, "mlflow_run_id": tracker.run_id,
-            "debug": {"nan_step": 5, "nan_rank": 1, "damage_on_rollback": True, "record_weights": True,
-                      "record_keys": True}}
+    spec = PretrainSpec(model=cfg.model, pretrain=cfg.pretrain, manifest_url=ingested[1], out_url=out_url,
+                        tracking=TrackerRef(uri=mlflow_uri, run_id=tracker.run_id))
+    hooks = {"nan_step": 5, "nan_rank": 1, "damage_on_rollback": True, "record_weights": True, "record_keys": True}
     worker_tmp = tmp_path / "worker-tmp"  # where the ranks' local checkpoint folders go (and must go away)
     worker_tmp.mkdir()
     storage = S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
                            secret_key="testing", region="us-east-1")
     trainer = TorchTrainer(
-        pretrain_worker, train_loop_config=spec,
+        pretrain_worker, train_loop_config=spec.to_dict(),
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="ray", storage_path=f"{BUCKET}/pretrain", storage_filesystem=storage,
                              failure_config=FailureConfig(max_failures=0),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TMPDIR": str(worker_tmp),
-                                                              **CREDS}}))
+                                                              TEST_HOOKS_ENV: json.dumps(hooks), **CREDS}}))
     result = trainer.fit()
     assert result.error is None
 
@@ -112,9 +113,9 @@ def test_nan_rolls_back_past_a_damaged_checkpoint_with_async_s3_upload(tmp_path,
 
     client = MlflowClient(mlflow_uri)
     run = client.get_run(tracker.run_id)
-    assert run.data.metrics["rollbacks"] == 1 and run.data.metrics["skipped_nonfinite"] == 1
-    per_rank = {r: client.get_metric_history(tracker.run_id, f"peak_rss_gb/rank{r}") for r in (0, 1)}
-    peak = client.get_metric_history(tracker.run_id, "peak_rss_gb")
+    assert run.data.metrics["train/rollbacks"] == 1 and run.data.metrics["train/skipped_nonfinite"] == 1
+    per_rank = {r: client.get_metric_history(tracker.run_id, f"system/peak_rss_gb/rank{r}") for r in (0, 1)}
+    peak = client.get_metric_history(tracker.run_id, "system/peak_rss_gb")
     assert len(per_rank[0]) == len(per_rank[1]) == len(peak) >= 4
     for m0, m1, mx in zip(per_rank[0], per_rank[1], peak):
         assert 0.1 < m0.value < 64 and 0.1 < m1.value < 64  # a torch worker's resident set, in GiB
@@ -126,7 +127,7 @@ def test_repeated_nan_fails_clearly_after_max_nonfinite(ingested, cifar10_root, 
     """1 rank (2 micro-batches per step, sync upload): the second micro-batch of step 3 is NaN every time. The first
     time DeepSpeed's accumulation window is closed and the run rolls back to step 2; the second time is one more
     than pretrain.max_nonfinite=1, and the stage fails saying so."""
-    monkeypatch.setenv("VITPIPE_PRETRAIN_DEBUG", json.dumps({"nan_step": 3, "nan_micro": 1, "nan_times": 99,
+    monkeypatch.setenv("VITPIPE_TEST_HOOKS", json.dumps({"nan_step": 3, "nan_micro": 1, "nan_times": 99,
                                                              "record_weights": True}))
     cfg = _cfg(ingested[0], cifar10_root, "pretrain.steps=4", "pretrain.checkpoint_every=1",
                "pretrain.num_workers=1", "pretrain.max_nonfinite=1", "pretrain.checkpoint_upload=sync")

@@ -5,6 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from needs import need_module
 
 from vitpipe.models import HybridConfig, ViTConfig, create
 from vitpipe.models.convert import from_hf, from_npz, to_npz
@@ -162,7 +163,7 @@ def test_npz_errors(tmp_path):
 
 
 # ---- HF transformers ------------------------------------------------------------------------------
-transformers = pytest.importorskip("transformers", reason="HF parity needs transformers (test extra)")
+transformers = need_module("transformers", reason="HF parity needs transformers (test extra)")
 
 
 def _hf_config(**kw):

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from needs import need_module
 
 from vitpipe.models import ViTConfig, create, load_pretrained, resize_pos_embed
 
-ndimage = pytest.importorskip("scipy.ndimage", reason="scipy is the independent reference for the resize")
+ndimage = need_module("scipy.ndimage", reason="scipy is the independent reference for the resize")
 
 
 def _zoom_reference(posemb: np.ndarray, old, new, prefix: int) -> np.ndarray:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from needs import need_dir
 from PIL import Image
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -59,14 +60,12 @@ def small_shards(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def cifar_dir() -> Path:
     root = DATA / "cifar10"
-    if not (root / "train").is_dir():
-        pytest.skip(f"CIFAR-10 JPEGs not found at {root.resolve()}")
+    need_dir(root / "train", "CIFAR-10 JPEGs")
     return root
 
 
 @pytest.fixture(scope="session")
 def hymenoptera_dir() -> Path:
     root = DATA / "hymenoptera"
-    if not (root / "train").is_dir():
-        pytest.skip(f"hymenoptera photos not found at {root.resolve()}")
+    need_dir(root / "train", "hymenoptera photos")
     return root

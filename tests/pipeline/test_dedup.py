@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import io
 
 import numpy as np
@@ -69,7 +71,7 @@ def test_dedup_finds_planted_duplicates_and_stream_excludes_them(tmp_path, cifar
         for c in ("cat", "ship"):
             (task_root / split / c).mkdir(parents=True)
             for f in sorted((cifar_dir / split / c).glob("*.jpg"))[:n * 5]:
-                (task_root / split / c / f.name).symlink_to(f.resolve())
+                shutil.copyfile(f, task_root / split / c / f.name)
                 if split == "test":
                     planted_src.append(f)
     task = ImageFolderTask(str(task_root))
@@ -78,7 +80,7 @@ def test_dedup_finds_planted_duplicates_and_stream_excludes_them(tmp_path, cifar
     for c in ("cat", "ship", "frog", "truck"):
         (pre / c).mkdir(parents=True)
         for f in sorted((cifar_dir / "train" / c).glob("*.jpg"))[100:150]:
-            (pre / c / f.name).symlink_to(f.resolve())
+            shutil.copyfile(f, pre / c / f.name)
     rng = np.random.default_rng(0)
     planted = []
     for i, f in enumerate(rng.choice(planted_src, 6, replace=False)):

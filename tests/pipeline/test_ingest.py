@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from vitpipe.pipeline import IngestConfig, IngestError, Manifest, ingest, plan_ingest, plan_shards, write_shard
-from vitpipe.pipeline.reader import iter_tar
+from vitpipe.pipeline.tars import iter_tar
 
 
 def members(path) -> dict[str, bytes]:
@@ -209,3 +209,61 @@ def test_dead_worker_is_a_clear_error_not_a_hang(tmp_path, make_folder):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
     assert r.returncode != 0
     assert "a worker process died" in r.stderr and "__main__" in r.stderr
+
+
+def test_symlinks_out_of_the_source_root_are_not_followed(tmp_path, make_folder):
+    """A file symlink is followed only to a target inside the source root; one pointing outside, and any directory
+    symlink, is left out and counted as bad input (its bytes never reach a shard)."""
+    from collections import Counter
+
+    from vitpipe.pipeline.sources import list_image_folder
+
+    src = make_folder(tmp_path / "src", per_class=10)
+    outside = make_folder(tmp_path / "outside", classes=("secret",), per_class=2, seed=9)
+    secret = (outside / "secret" / "img.000.jpg").read_bytes()
+    (src / "a" / "leak.jpg").symlink_to(outside / "secret" / "img.000.jpg")  # absolute target, outside
+    (src / "b" / "leak2.jpg").symlink_to("../../outside/secret/img.001.jpg")  # relative target, outside
+    (src / "secret").symlink_to(outside / "secret", target_is_directory=True)  # a class folder elsewhere
+    (src / "c" / "more").symlink_to(src / "a", target_is_directory=True)  # inside, but a directory: not walked
+    (src / "c" / "alias.jpg").symlink_to("../a/img.000.jpg")  # inside the root: followed
+    skipped = Counter()
+    items = list_image_folder(str(src), skipped=skipped)
+    assert skipped == {"symlink_outside_root": 2, "symlink_dir": 2}
+    assert len(items) == 31 and not any("leak" in it.origin or "secret" in it.origin for it in items)
+    alias = next(it for it in items if it.origin == "c/alias.jpg")
+    assert alias.url == str(src / "a" / "img.000.jpg")  # the vetted target is what gets read
+    m = ingest(str(src), str(tmp_path / "out"), IngestConfig(num_workers=0, max_bad_fraction=0.2))
+    assert m.bad == {"symlink_dir": 2, "symlink_outside_root": 2} and m.num_samples == 31
+    assert m.classes == ["a", "b", "c"]
+    for s in m.shards:
+        assert secret not in (tmp_path / "out" / s.name).read_bytes()
+    # a split folder that is itself a link out of the root: nothing of it is listed
+    (src / "test").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(FileNotFoundError, match="symlink_outside_root"):
+        list_image_folder(str(src), split="test")
+
+
+def test_resume_rewrites_a_same_size_corrupt_shard(tmp_path, make_folder):
+    src = make_folder(tmp_path / "src", per_class=8)
+    cfg = IngestConfig(shard_max_samples=10, num_workers=0, seed=3)
+    m1 = ingest(str(src), str(tmp_path / "o"), cfg)
+    p = tmp_path / "o" / m1.shards[1].name
+    raw = bytearray(p.read_bytes())
+    i = raw.index(b"\xff\xd8\xff")  # flip bytes inside the first image: same size, still a valid tar
+    raw[i + 200 : i + 208] = bytes(b ^ 0xFF for b in raw[i + 200 : i + 208])
+    p.write_bytes(bytes(raw))
+    plan = plan_ingest(str(src), cfg)
+
+    def resume(c):
+        return [write_shard(plan.shard_items(i), plan.shard_url(str(tmp_path / "o"), i), c, plan.class_index,
+                            plan.multi_label) for i in range(plan.num_shards)]
+
+    trusting = IngestConfig(shard_max_samples=10, num_workers=0, seed=3, verify_reused=False)
+    assert [r.reused for r in resume(trusting)] == [True, True, True]  # sidecar + size alone cannot tell
+    assert hashlib.sha256(p.read_bytes()).hexdigest() != m1.shards[1].sha256
+    assert [r.reused for r in resume(cfg)] == [True, False, True]
+    assert hashlib.sha256(p.read_bytes()).hexdigest() == m1.shards[1].sha256
+    # a damaged sidecar means "not known complete": rewrite, do not crash
+    (tmp_path / "o" / "shard-000002.info.json").write_text("{trunc")
+    assert [r.reused for r in resume(cfg)] == [True, True, False]
+    assert ingest(str(src), str(tmp_path / "o"), cfg).to_dict() == m1.to_dict()

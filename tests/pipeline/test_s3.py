@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from needs import need_module
 
 from vitpipe.pipeline import IngestConfig, Manifest, ShardStream, StreamConfig, ingest
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto.server")
+need_module("s3fs", "S3 tests need s3fs (test extra)")
+need_module("moto.server", "S3 tests need moto[server] (test extra)")
 
 
 @pytest.mark.slow

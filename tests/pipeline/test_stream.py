@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vitpipe.pipeline import IngestConfig, Manifest, ShardStream, StreamConfig, ingest
-from vitpipe.pipeline.reader import iter_tar
+from vitpipe.pipeline.tars import iter_tar
 
 
 def cfg(**kw) -> StreamConfig:
@@ -217,3 +217,67 @@ def test_prelaunch_checks(small_shards, caplog):
     assert info["shards"] == 7 and info["streams"] == 8 and "streams share shards" in caplog.text
     with pytest.raises(ValueError, match="seed"):
         s.load_state_dict({**s.state_dict(), "seed": 5})
+
+
+def test_verify_skips_a_shard_whose_sha256_changed(tmp_path, small_shards):
+    """With `verify`, a shard altered since ingest is treated like an unreadable one, even when its tar is still
+    valid (here: one label changed); without it, the altered sample is served."""
+    import tarfile
+
+    from vitpipe.pipeline.order import Segment
+    from vitpipe.pipeline.reader import BatchReader, ShardCache, StartPoint
+
+    shutil.copytree(small_shards.replace("file://", ""), tmp_path / "s")
+    m = Manifest.load(str(tmp_path / "s"))
+    p = tmp_path / "s" / m.shards[2].name
+    with tarfile.open(p) as tf:
+        member = next(t for t in tf.getmembers() if t.name.endswith(".cls"))
+    key, raw = member.name.split(".")[0], bytearray(p.read_bytes())
+    label = int(raw[member.offset_data : member.offset_data + member.size])
+    raw[member.offset_data : member.offset_data + member.size] = str((label + 1) % 3).encode()
+    p.write_bytes(bytes(raw))  # same size, header untouched: still a valid tar
+    urls, sha = [m.url(s) for s in m.shards], [s.sha256 for s in m.shards]
+    trusting = ShardCache(urls, {}, cfg(), capacity=4)
+    assert {k: lab for k, _, lab in trusting.get(2)}[key] == (label + 1) % 3
+    checking = ShardCache(urls, {}, cfg(verify=True), capacity=4, sha256=sha)
+    assert checking.get(2) == [] and checking.stats["failed_shards"] == 1
+    assert len(checking.get(1)) == m.shards[1].num_samples and checking.stats["failed_shards"] == 1
+    with pytest.raises(ValueError, match="verify needs the manifest's sha256"):
+        ShardCache(urls, {}, cfg(verify=True), capacity=4)
+    seg = Segment(world=1, workers=1, batch=8, drop_last=True)
+    with pytest.raises(ValueError, match="verify needs the manifest's sha256"):
+        BatchReader(urls=urls, counts=np.array([s.num_samples for s in m.shards]), exclude={}, cfg=cfg(verify=True),
+                    start=StartPoint(0, (), seg, 0), rank=0, world=1, num_classes=3, multi_label=False)
+
+
+def test_fixed_epoch_length_cycles_through_the_manifest(small_shards):
+    """`epoch_samples=100` over 150 samples: passes continue across epochs, so epochs 0-2 (300 positions) are
+    exactly 2 passes - every sample twice - and each epoch has exactly 100."""
+    s = ShardStream(small_shards, cfg(epoch_samples=100, drop_last=False, batch_size=10), rank=0, world_size=1)
+    assert s.batches_per_epoch() == 10 and s.state_dict()["sources"] == [[150, 100, 0, 0]]
+    seen = []
+    for e in range(3):
+        ks = keys_of(run(s))
+        assert len(ks) == 100 and s.epoch == e + 1
+        seen += ks
+    assert sorted(Counter(seen).values()) == [2] * 150
+    assert s.stats["source_samples"] == {"shards": 300}
+    plain = ShardStream(small_shards, cfg(), rank=0, world_size=1)
+    assert "sources" not in plain.state_dict()  # a plain stream's state keeps its few ints
+
+
+def test_stream_with_verify_leaves_out_an_altered_shard(tmp_path, small_shards):
+    shutil.copytree(small_shards.replace("file://", ""), tmp_path / "s")
+    m = Manifest.load(str(tmp_path / "s"))
+    p = tmp_path / "s" / m.shards[0].name
+    raw = bytearray(p.read_bytes())
+    raw[-1] ^= 1  # in the end-of-archive padding: the tar parses exactly as before
+    p.write_bytes(bytes(raw))
+    altered = {n.split(".")[0] for n, _ in iter_tar(bytes(raw))}
+    c = dict(drop_last=False, shuffle=False, batch_size=50)  # 3 batches, each spanning several shards
+    plain = ShardStream(str(tmp_path / "s"), cfg(**c))
+    assert len(set(keys_of(run(plain)))) == 150 and plain.stats["failed_shards"] == 0
+    checked = ShardStream(str(tmp_path / "s"), cfg(**c, verify=True))
+    got = keys_of(run(checked))
+    assert len(got) == 150 and len(set(got)) == 150 - len(altered) and not set(got) & altered
+    assert checked.stats["failed_shards"] == 1 and checked.stats["skipped_corrupt"] == len(altered) == 22

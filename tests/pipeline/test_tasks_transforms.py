@@ -91,7 +91,9 @@ def test_simplejpeg_path_matches_pil_and_rejects_corrupt_data(cifar_dir, hymenop
     import vitpipe.pipeline.transforms as T
 
     if T.simplejpeg is None:
-        pytest.skip("simplejpeg not installed")
+        from needs import skip_or_fail
+
+        skip_or_fail("simplejpeg not installed (a pinned dependency)")
     files = sorted((cifar_dir / "test" / "dog").glob("*.jpg"))[:40] + sorted(hymenoptera_dir.glob("train/*/*.jpg"))[:8]
     datas = [f.read_bytes() for f in files]
     for size, train in ((32, True), (224, True), (96, False)):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pytest
+from needs import need_module
 from PIL import Image
 
 from vitpipe.pipeline import IngestConfig, Manifest, ShardStream, StreamConfig, ingest
-from vitpipe.pipeline.reader import parse_shard
+from vitpipe.pipeline.tars import parse_shard
 
-wds = pytest.importorskip("webdataset")
+wds = need_module("webdataset")
 
 
 def test_webdataset_library_reads_our_shards(small_shards):

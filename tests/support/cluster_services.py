@@ -5,8 +5,11 @@ never touch another session's Ray or MLflow (never `ray stop`).
 The ``svc`` fixture (tests/jobs/conftest.py) shares one instance per pytest session between
 test_cluster_integration.py and test_mlflow_ui.py; test_multinode.py builds its own (a 1-CPU head, no MLflow).
 
-Exposure: Ray binds the GCS and node ports with --node-ip-address=127.0.0.1, but the GCS listens on all interfaces;
-the dashboard/job server and MLflow listen on 127.0.0.1 only. Auth mode is explicit (RAY_AUTH_MODE=disabled here).
+Exposure: heads start exactly as vitpipe starts its own (``raytools.local_head_env`` + ``LOCAL_HEAD_ARGS``): token
+auth with the vitpipe token file (by path, never by value) and single-machine mode, so every Ray port of the head
+and of the nodes joined to it listens on 127.0.0.1 (tests/jobs/test_ray_security.py checks it); MLflow listens on
+127.0.0.1. Joined nodes (same token, no --node-ip-address) start through ray_join_loopback.py, which keeps Ray from
+turning the head's 127.0.0.1 address into the machine's outward IP; they derive 127.0.0.1 as their own IP.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 
 import psutil
 
+from vitpipe.jobs.core import raytools
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
@@ -40,13 +45,16 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None,
+              token: str | None = None) -> None:
+    """Until ``url`` answers 2xx (with ``Authorization: Bearer <token>`` when given: Ray's job API wants it)."""
     t0 = time.monotonic()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     while time.monotonic() - t0 < timeout:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}: {log.read_text()[-3000:] if log else ''}")
         try:
-            with urllib.request.urlopen(url, timeout=3):
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=3):
                 return
         except OSError:
             time.sleep(1.0)
@@ -105,7 +113,10 @@ class RayNode:
         self.temp_dir = temp_dir
         ports = free_ports(10)
         self.gcs_port, self.dashboard_port = ports[0], ports[1]
-        args = [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+        # A joined node goes through ray_join_loopback.py: plain `ray start` would dial the head on the NIC address.
+        ray = [str(VENV_BIN / "ray")] if head_address is None else [sys.executable, str(Path(__file__).with_name(
+            "ray_join_loopback.py"))]
+        args = [*ray, "start", "--block", f"--num-cpus={num_cpus}",
                 "--disable-usage-stats", f"--node-manager-port={ports[2]}", f"--object-manager-port={ports[3]}",
                 f"--metrics-export-port={ports[4]}", f"--dashboard-agent-listen-port={ports[5]}",
                 f"--dashboard-agent-grpc-port={ports[6]}", f"--runtime-env-agent-port={ports[7]}",
@@ -113,16 +124,18 @@ class RayNode:
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         if head_address is None:
-            args += ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+            args += ["--head", *raytools.LOCAL_HEAD_ARGS, f"--port={self.gcs_port}",
                      f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={ports[8]}",
                      f"--temp-dir={temp_dir}"]
         else:
             args += [f"--address={head_address}"]
         lo = 20000 + (ports[9] % 20000)
+        while any(lo <= p <= lo + 200 for p in ports[:9]):  # Ray refuses a worker range that holds a chosen port
+            lo = 20000 + (lo + 211) % 20000
         args += [f"--min-worker-port={lo}", f"--max-worker-port={lo + 200}"]
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-               "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", **(env or {})}
-        env.pop("RAY_ADDRESS", None)
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS"))},
+               **raytools.local_head_env(raytools.token_path(), head=head_address is None),
+               "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", **(env or {})}
         self.log = Path(temp_dir) / f"ray-start-{ports[2]}.log"
         self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, cwd=temp_dir)
@@ -187,11 +200,16 @@ class Services:
         self.ray_tmp = tempfile.mkdtemp(prefix="vr", dir="/tmp")
         self.mlflow = MlflowServer(str(root / "mlflow")) if mlflow else None
         self.head = None
+        # This process talks to the cluster too (state API, JobSubmissionClient): token mode, the same token file.
+        os.environ.pop(raytools.TOKEN_ENV, None)
+        os.environ.update({raytools.MODE_ENV: "token", raytools.TOKEN_PATH_ENV: str(raytools.ensure_token_file())})
+        raytools.use_cluster_token()
         try:
             self.head = RayNode(self.ray_tmp, num_cpus=head_cpus, resources=head_resources, env=head_env)
             if self.mlflow:
                 wait_http(self.mlflow.url + "/health", 120, self.mlflow.proc, self.mlflow.log)
-            wait_http(self.head.dashboard + "/api/version", 180, self.head.proc, self.head.log)
+            wait_http(self.head.dashboard + "/api/version", 180, self.head.proc, self.head.log,
+                      token=raytools.read_token())
         except BaseException:
             self.stop()
             raise
@@ -212,12 +230,12 @@ class Services:
                           raise_on_missing_output=False)
 
     def env(self, **extra: str) -> dict[str, str]:
-        """Environment for CLI subprocesses: this cluster, this MLflow, explicit auth mode, no inherited secrets."""
+        """Environment for CLI subprocesses: this cluster, this MLflow, no inherited secrets and no Ray auth
+        settings: the CLI finds the token where a user's would (the vitpipe token file)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
         if self.mlflow:
             env["MLFLOW_TRACKING_URI"] = self.mlflow.url
-        env.update({"RAY_AUTH_MODE": "disabled",
-                    "RAY_API_SERVER_ADDRESS": self.head.dashboard, "RAY_ADDRESS": self.head.address,
+        env.update({"RAY_API_SERVER_ADDRESS": self.head.dashboard, "RAY_ADDRESS": self.head.address,
                     "COLUMNS": "200", "PYTHONWARNINGS": "ignore::DeprecationWarning"})
         env.update(extra)
         return env

@@ -172,3 +172,16 @@ def test_model_figures_to_fsspec_memory(model, images):
 
     with fsspec.open(out["attention_rollout"].path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fewshot_vs_step_png(tmp_path):
+    curves = {"cifar10.val": {10: [(0, 0.20, 0.01), (100, 0.31, 0.02), (200, 0.30, 0.01)],
+                              25: [(0, 0.25, 0.01), (100, 0.36, 0.01), (200, 0.38, 0.005)]},
+              "digits.val": {10: [(0, 0.40, 0.03), (200, 0.35, 0.02)]}}
+    res = analysis.fewshot_vs_step(curves, tmp_path / "vs_step.png", baselines={"digits.val": {10: 0.41}})
+    _assert_real_png(res.path)
+    assert res.metrics == {"cifar10.val/10shot/final": 0.30, "cifar10.val/10shot/best": 0.31,
+                           "cifar10.val/25shot/final": 0.38, "cifar10.val/25shot/best": 0.38,
+                           "digits.val/10shot/final": 0.35, "digits.val/10shot/best": 0.40}
+    with pytest.raises(ValueError, match="at least one task with points"):
+        analysis.fewshot_vs_step({"x": {10: []}}, tmp_path / "none.png")

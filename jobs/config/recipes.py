@@ -1,0 +1,222 @@
+"""Named recipes: Python functions returning a whole :class:`PipelineConfig` (torchtitan / big_vision style)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Callable
+
+from vitpipe.jobs.config.pipeline import PipelineConfig, resolve_paths
+from vitpipe.jobs.core.configtools import ConfigError, apply_overrides
+from vitpipe.jobs.evals.fewshot import FewshotConfig
+from vitpipe.jobs.evals.knn import KnnConfig
+from vitpipe.jobs.evals.linear_probe import LinearProbeConfig
+from vitpipe.jobs.stages.analysis import AnalysisConfig
+from vitpipe.jobs.stages.fewshot import FewshotStageConfig
+from vitpipe.jobs.train.config import FinetuneConfig, PretrainConfig, TrainEvalConfig
+from vitpipe.models import ViTConfig
+from vitpipe.pipeline import IngestConfig, StreamConfig
+
+RECIPES: dict[str, Callable[[], PipelineConfig]] = {}
+
+
+def recipe(fn: Callable[[], PipelineConfig]) -> Callable[[], PipelineConfig]:
+    RECIPES[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+def get_recipe(name: str) -> PipelineConfig:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe '{name}' (recipes: {', '.join(sorted(RECIPES))})")
+    return RECIPES[name]()
+
+
+def build_config(name: str, overrides: list[str] | tuple[str, ...] = (), store: str | None = None) -> PipelineConfig:
+    """Recipe + ``--set`` overrides (+ ``--store``), relative paths made absolute: the config a run starts from."""
+    cfg = get_recipe(name)
+    if store:
+        overrides = [*overrides, f"store={store}"]
+    return resolve_paths(apply_overrides(cfg, overrides))
+
+
+DEMO_TASKS = ("cifar10=../shared/data/cifar10", "digits", "hymenoptera=../shared/data/hymenoptera",
+              "hymenoptera@64=../shared/data/hymenoptera")
+"""The demo's evaluation tasks: CIFAR-10 (in-domain: the pretraining distribution), digits and the hymenoptera photos
+(out-of-domain), the photos also at 64 px (position embeddings interpolated from the 32 px model)."""
+DEMO_OUT_OF_DOMAIN = ("digits", "hymenoptera", "hymenoptera_64px")
+
+
+@recipe
+def demo() -> PipelineConfig:
+    """CIFAR-10 on 2 CPU cores in under 10 minutes: a 6-block width-192 ViT, patch 4, 32 px, ~4 min pretraining
+    over 2 Ray Train workers with DeepSpeed ZeRO-2 (few-shot curves vs step as it trains), then few-shot / kNN / linear
+    probes on CIFAR-10 (in-domain), digits and hymenoptera at 32 and 64 px (out-of-domain; transfer score), 40 px
+    fine-tune, figures."""
+    return PipelineConfig(
+        name="demo",
+        ingest=IngestConfig(split="train", shard_max_samples=2500, num_workers=2),
+        model=ViTConfig.from_name("Ti/4", img_size=32, num_classes=10, depth=6),
+        pretrain=PretrainConfig(steps=290, global_batch=128, micro_batch=64, lr=8e-4, warmup_steps=20,
+                                weight_decay=0.1, zero_stage=2, num_workers=2, checkpoint_every=100, log_every=10,
+                                # Under one epoch (33k of 50k images): every image is seen once, so crop
+                                # augmentation only slows learning (measured: +3 points 10-shot without it).
+                                stream=StreamConfig(img_size=32, rrc_scale=(1.0, 1.0), shuffle_buffer=2000),
+                                # few-shot curves vs step on in- and out-of-domain validation views, sized to stay
+                                # under max_stall (10% of training time): up to 10 shots x 2 seeds (the error bars),
+                                # 250 scored images per task, on rank 0's one thread (benchmarks/fewshot_speed.py:
+                                # 5.6% of step time; 25 shots, which the transfer score needs, cost 2-3x: that
+                                # score is the fewshot stage's)
+                                evals=TrainEvalConfig(tasks=DEMO_TASKS[:3], every=100, shots=(1, 5, 10), seeds=(0, 1),
+                                                      test_limit=250)),
+        fewshot=FewshotStageConfig(
+            tasks=DEMO_TASKS, probe=FewshotConfig(shots=(1, 5, 10, 25), seeds=(0, 1, 2), l2_reg=1024.0),
+            # kNN and the linear probe on a fixed 5k of CIFAR-10's 50k train images (the same 5k for both: embedded
+            # once); the small tasks use all of theirs. Validation views get the few-shot probe (the transfer score);
+            # the linear probe's own held-out slice is its validation number.
+            knn=KnnConfig(ks=(20,), train_limit=5000), linear=LinearProbeConfig(train_limit=5000),
+            validation_evaluators=("fewshot",), out_of_domain=DEMO_OUT_OF_DOMAIN),
+        # 40 px (10x10 patches, position embeddings interpolated from 8x8); short, to keep the demo under 10 min
+        finetune=FinetuneConfig(img_size=40, steps=60, batch_size=128, lr_grid=(0.01,), warmup_steps=6,
+                                test_limit=None),
+        analysis=AnalysisConfig(num_images=64),
+    )
+
+
+@recipe
+def tiny() -> PipelineConfig:
+    """Smoke test of every stage with real Ray/DeepSpeed/MLflow in about a minute: 300 images, a 2-block model."""
+    cfg = demo()
+    return replace(
+        cfg, name="tiny",
+        data=replace(cfg.data, dedup_tasks=("digits",)),
+        ingest=replace(cfg.ingest, limit_per_class=30, shard_max_samples=64),
+        model=ViTConfig.from_name("mu/4", img_size=32, num_classes=10),
+        pretrain=replace(cfg.pretrain, steps=6, global_batch=32, micro_batch=16, warmup_steps=2, checkpoint_every=3,
+                         log_every=2, stream=replace(cfg.pretrain.stream, shuffle_buffer=64),
+                         evals=TrainEvalConfig(tasks=("digits",), every=3, shots=(1, 5), seeds=(0, 1), test_limit=100)),
+        fewshot=replace(cfg.fewshot, tasks=(DEMO_TASKS[0], "digits", DEMO_TASKS[3]),
+                        probe=replace(cfg.fewshot.probe, shots=(1, 5), seeds=(0,), test_limit=200, batch_size=128),
+                        knn=replace(cfg.fewshot.knn, ks=(5,), train_limit=500, test_limit=200),
+                        linear=replace(cfg.fewshot.linear, l2_grid=(1e-3, 1e-1), train_limit=500, test_limit=200),
+                        validation_evaluators=("fewshot", "knn"), out_of_domain=()),
+        finetune=replace(cfg.finetune, img_size=40, steps=4, batch_size=16, warmup_steps=1, train_limit=200,
+                         test_limit=100, log_every=2, eval_batch_size=64),
+        analysis=replace(cfg.analysis, num_images=8),
+    )
+
+
+def _jft(variant: str, lr: float, epochs: int) -> PipelineConfig:
+    """The paper's JFT-300M pretraining recipe (§4.1, Appendix B.1) for one variant, on a GPU cluster."""
+    images, batch = 303_000_000, 4096
+    model = ViTConfig.from_name(variant, img_size=224, num_classes=18_291, classifier_bias_init=-10.0,
+                                representation_size=ViTConfig.from_name(variant).width)
+    return PipelineConfig(
+        name=f"jft-{variant.replace('/', '')}",
+        store=os.environ.get("VITPIPE_STORE", "s3://vitpipe-runs"),
+        data=replace(PipelineConfig().data, root="s3://vitpipe-data/jft300m-list.tsv",
+                     dedup_tasks=("imagenet=s3://vitpipe-data/imagenet", "cifar10=s3://vitpipe-data/cifar10")),
+        ingest=IngestConfig(split=None, shard_max_bytes=1 << 30, shard_max_samples=None, resize_short=256,
+                            num_workers=16, multi_label=True),
+        model=model,
+        pretrain=PretrainConfig(steps=epochs * images // batch, global_batch=batch, micro_batch=64, lr=lr,
+                                warmup_steps=10_000, schedule="linear", weight_decay=0.1, loss="sigmoid",
+                                use_gpu=True, num_workers=64, cpus_per_worker=8, precision="bf16",
+                                checkpoint_every=2000, keep_checkpoints=3, peak_tflops=989.0,
+                                stream=StreamConfig(img_size=224, num_workers=8, pin_memory=True,
+                                                    shuffle_buffer=10_000)),
+        finetune=FinetuneConfig(task="imagenet=s3://vitpipe-data/imagenet",
+                                img_size=384 if 384 % model.patch_size == 0 else 392, steps=20_000,
+                                batch_size=512, lr_grid=(0.001, 0.003, 0.01, 0.03), warmup_steps=500,
+                                ema_decay=0.9999, num_workers=8, cpus_per_worker=8),
+    )
+
+
+@recipe
+def jft_b16() -> PipelineConfig:
+    """ViT-B/16 on JFT-300M: base LR 8e-4, 7 epochs (paper Table 2 / Appendix B.1)."""
+    return _jft("B/16", 8e-4, 7)
+
+
+@recipe
+def jft_l16() -> PipelineConfig:
+    """ViT-L/16 on JFT-300M: base LR 4e-4, 7 epochs."""
+    return _jft("L/16", 4e-4, 7)
+
+
+@recipe
+def jft_h14() -> PipelineConfig:
+    """ViT-H/14 on JFT-300M: base LR 3e-4, 14 epochs (2.5k TPUv3-core-days in the paper)."""
+    return _jft("H/14", 3e-4, 14)
+
+
+def _i21k(variant: str, epochs: int) -> PipelineConfig:
+    """The paper's ImageNet-21k pretraining setting (Appendix B.1, Table 3: Adam, LR 1e-3, weight decay 0.03,
+    dropout 0.1, batch 4096, 10k warmup steps then linear decay) for one variant, on a GPU cluster. AugReg's
+    augmentation (Steiner et al. 2021) is one override away: ``--set pretrain.augreg=medium1``."""
+    images, classes, batch = 14_197_122, 21_843, 4096  # ImageNet-21k (fall11): images and classes
+    base = _jft(variant, 1e-3, 1)
+    model = replace(base.model, num_classes=classes, dropout=0.1)
+    return replace(
+        base, name=f"i21k-{variant.replace('/', '').lower()}" + ("" if epochs == 90 else f"-{epochs}ep"),
+        data=replace(base.data, root="s3://vitpipe-data/imagenet21k"),  # <root>/<class>/*.JPEG or a list file
+        ingest=replace(base.ingest, split=None, multi_label=None),
+        model=model,
+        pretrain=replace(base.pretrain, steps=epochs * images // batch, lr=1e-3, weight_decay=0.03),
+    )
+
+
+@recipe
+def i21k_s16() -> PipelineConfig:
+    """ViT-S/16 on ImageNet-21k, 90 epochs (paper's i21k setting; --set pretrain.augreg=... for AugReg)."""
+    return _i21k("S/16", 90)
+
+
+@recipe
+def i21k_b16() -> PipelineConfig:
+    """ViT-B/16 on ImageNet-21k, 90 epochs (paper Table 3)."""
+    return _i21k("B/16", 90)
+
+
+@recipe
+def i21k_b16_300ep() -> PipelineConfig:
+    """ViT-B/16 on ImageNet-21k, 300 epochs (the AugReg schedule)."""
+    return _i21k("B/16", 300)
+
+
+@recipe
+def i21k_l16() -> PipelineConfig:
+    """ViT-L/16 on ImageNet-21k, 90 epochs (paper Table 3)."""
+    return _i21k("L/16", 90)
+
+
+@recipe
+def mpp_demo() -> PipelineConfig:
+    """The demo with self-supervised masked patch prediction (paper §4.6) instead of labels, same eval stages."""
+    cfg = demo()
+    return replace(cfg, name="mpp-demo", pretrain=replace(cfg.pretrain, objective="mpp", lr=2e-3))
+
+
+@recipe
+def scaling_demo() -> PipelineConfig:
+    """The paper's data-requirement grid at CPU scale (`vitpipe sweep scaling-demo`): 3 ViT sizes x CIFAR-10
+    subsets of 5k / 15k / all train images, 300 steps each (7.7 epochs of 5k, 0.8 of all), few-shot CIFAR-10."""
+    cfg = demo()
+    return replace(
+        cfg, name="scaling-demo",
+        stages=("ingest", "dedup", "pretrain", "fewshot", "report"),
+        # A fixed step budget for every point: the small subsets are seen for several epochs, so they get the
+        # crop augmentation the one-epoch demo goes without.
+        # No in-training curves and only the few-shot probe on CIFAR-10's test split: nine points fit an hour.
+        pretrain=replace(cfg.pretrain, steps=300, checkpoint_every=150,
+                         stream=replace(cfg.pretrain.stream, rrc_scale=(0.5, 1.0)),
+                         evals=replace(cfg.pretrain.evals, tasks=())),
+        fewshot=replace(cfg.fewshot, tasks=("cifar10=../shared/data/cifar10",), random_init_baseline=False,
+                        evaluators=("fewshot",), validation_evaluators=(), out_of_domain=()),
+        tracking=replace(cfg.tracking, register_model=False),
+    )
+
+
+# Sizes move together on one axis: ~0.1M, 0.8M and 2.7M encoder parameters (mu/4, a width-128 4-block ViT, the
+# demo's 6-block Ti/4); data.limit=none is the whole train split minus dedup's exclusions.
+scaling_demo.sweep_grid = ("model.width=64,128,192", "+model.depth=2,4,6", "+model.mlp_dim=256,512,768",
+                           "+model.num_heads=2,2,3", "data.limit=5000,15000,none")
