@@ -5,9 +5,9 @@ vitpipe's own evaluation code, so the demo's transfer numbers have a same-machin
 
 1. runs the yardstick for ``--budget`` seconds of training (one process, 2 threads, pre-decoded CIFAR-10, pad-crop +
    flip, AdamW 1e-3, wd 0.05) and keeps its printed throughput, joint-head test accuracy and 10-shot;
-2. converts its saved weights into a vitpipe ``VisionTransformer`` (exact GELU; the numerics are checked against
-   the yardstick's own module on real images, max abs difference printed) and writes ``model.pt`` + ``model.json``
-   like a pretrain stage, with the yardstick's normalisation;
+2. converts its saved weights into a vitpipe ``VisionTransformer`` (exact GELU; its per-channel input normalisation
+   folded into the patch embedding, so vitpipe's (u - 0.5) / 0.5 input gives the same features; checked against the
+   yardstick's own module, max abs difference printed) and writes ``model.pt`` + ``model.json`` like a pretrain stage;
 3. runs the demo recipe's fewshot evaluation (same tasks, views, evaluators, seeds) on it and prints the metrics
    as JSON (validation and test), plus the transfer score.
 """
@@ -82,21 +82,59 @@ def export(save: str, out_dir: Path) -> dict:
 
     blob = torch.load(save, map_location="cpu", weights_only=False)  # our own file, written just now
     sd, cfg = convert(blob["model"])
+    mean, std = [float(v) for v in blob["mean"]], [float(v) for v in blob["std"]]
     model = create(cfg).eval()
-    model.load_state_dict(sd)
+    model.load_state_dict(fold_normalisation(sd, mean, std))
     bare = _bare_module().ViT(nc=cfg.num_classes).eval()
     bare.load_state_dict(blob["model"])
-    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = float((model.pre_logits(x) - bare.feats(x)).abs().max())
+    u = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # pixels in [0, 1]
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():  # each model with its own input normalisation
+        diff = float((model.pre_logits((u - 0.5) / 0.5) - bare.feats((u - m) / s)).abs().max())
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     (out_dir / "model.pt").write_bytes(buf.getvalue())
     meta = {"config": cfg.to_dict(), "grid_size": list(model.grid_size), "num_prefix_tokens": model.num_prefix_tokens,
-            "normalisation": {"mean": [float(v) for v in blob["mean"]], "std": [float(v) for v in blob["std"]]}}
+            "normalisation_folded_from": {"mean": mean, "std": std}}
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2))
-    return {"feature_max_abs_diff": diff, "mean": meta["normalisation"]["mean"], "std": meta["normalisation"]["std"]}
+    return {"feature_max_abs_diff": diff, "mean": mean, "std": std}
+
+
+def fold_normalisation(sd: dict, mean, std, to_mean=0.5, to_std=0.5) -> dict:
+    """The patch-embedding weights rewritten so the model takes vitpipe's input normalisation ((u - 0.5) / 0.5)
+    instead of the yardstick's per-channel (u - mean) / std: exact, the patch conv is linear and unpadded."""
+    w, b = sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"]
+    m, s = torch.tensor(mean, dtype=w.dtype), torch.tensor(std, dtype=w.dtype)
+    scale = to_std / s                    # x_yard = scale * x_vit + shift
+    shift = (to_mean - m) / s
+    out = dict(sd)
+    out["patch_embed.proj.weight"] = w * scale.view(1, -1, 1, 1)
+    out["patch_embed.proj.bias"] = b + (w * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+    return out
+
+
+def evaluate(model_dir: Path, recipe: str, threads: int) -> dict:
+    """The recipe's fewshot stage evaluation (tasks, views, evaluators, seeds) of the exported model."""
+    from vitpipe.jobs.config.recipes import build_config
+    from vitpipe.jobs.stages.fewshot_eval import evaluate_task, transfer_scores
+    from vitpipe.jobs.train.consolidated import load_model
+
+    torch.set_num_threads(threads)
+    fc = build_config(recipe).fewshot
+    model, mcfg = load_model(str(model_dir))
+    tests, vals = fc.evaluator_lists(baseline=False)
+    raw: dict[str, float] = {}
+    for spec in fc.tasks:
+        res = evaluate_task(spec, {"pretrained": (model, "yardstick")}, mcfg, evaluators={"pretrained": tests},
+                            validation={"pretrained": vals}, img_size=fc.img_size,
+                            validation_fraction=fc.validation_fraction, validation_seed=fc.validation_seed,
+                            batch_size=fc.probe.batch_size, representation=fc.probe.representation)
+        raw.update(res.raw["pretrained"])
+    score = transfer_scores({"pretrained": raw}, fc.out_of_domain).get("pretrained")
+    keep = {k: round(v, 4) for k, v in sorted(raw.items())
+            if k.endswith(("shot/mean", "shot/std", "/test_acc", "/val_acc")) or "/knn/" in k}
+    return {"transfer_score": score, "metrics": keep}
 
 
 def main() -> None:
@@ -104,6 +142,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=240.0, help="seconds of yardstick training")
     ap.add_argument("--out", default=str(REPO / "runs" / "yardstick"))
     ap.add_argument("--skip-train", action="store_true", help="reuse <out>/bare.pt")
+    ap.add_argument("--recipe", default="demo", help="whose fewshot evaluation to run on the yardstick's model")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +152,10 @@ def main() -> None:
     if not args.skip_train:
         report["yardstick"] = run_yardstick(args.budget, save)
     report["export"] = export(save, out / "model")
+    t0 = time.perf_counter()
+    report["evaluation"] = evaluate(out / "model", args.recipe, args.threads)
+    report["evaluation"]["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "yardstick.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
 

@@ -67,6 +67,22 @@ def s3():
         mp.undo()
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """A test that calls ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; every later run in this
+    process, and every Ray node started after it, would track there. Put both back after each test."""
+    from mlflow.tracking._tracking_service import utils
+
+    prev_uri, prev_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if utils._tracking_uri != prev_uri:
+        utils.set_tracking_uri(prev_uri)
+    if prev_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = prev_env
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session (a cold start costs ~30-60 s on 2 cores), started exactly as

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 from vitpipe.jobs.cluster.submit import TERMINAL, job_info
 from vitpipe.jobs.cluster.links import close_mlflow_runs
 from vitpipe.jobs.core.store import Store, exists, local_path
+from vitpipe.jobs.core.tracking import recorded_tracking_uri
 
 
 @dataclass
@@ -179,7 +180,8 @@ def reconcile_stopped(rep: JobReport) -> None:
         Store(record["config"]["store"]).save_run(rep.run_id, record)
         rep.run_status = record["status"]
     if record and record.get("mlflow_run_id"):
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or record["config"]["tracking"].get("uri")
+        uri = (os.environ.get("MLFLOW_TRACKING_URI") or recorded_tracking_uri(record)
+               or record["config"]["tracking"].get("uri"))
         store = record["config"]["store"]
         if not uri and local_path(store) and os.path.exists(os.path.join(local_path(store), "mlflow.db")):
             uri = f"sqlite:///{os.path.join(local_path(store), 'mlflow.db')}"  # the runner's default

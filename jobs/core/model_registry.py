@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import tempfile
@@ -75,9 +77,27 @@ def register_model(tracking_uri: str, run_id: str, pretrain_url: str, name: str,
             meta = json.loads(Path(files["config"]).read_text())
             meta["classes"] = classes
             Path(files["config"]).write_text(json.dumps(meta))
-        mlflow.set_tracking_uri(tracking_uri)
-        with mlflow.start_run(run_id=run_id):
+        with _fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(ENTRY_SCRIPT), artifacts=files, registered_model_name=name,
                 pip_requirements=[f"vitpipe=={__version__}"], await_registration_for=30)
     return f"models:/{name}/{info.registered_model_version}"
+
+
+@contextlib.contextmanager
+def _fluent_tracking_uri(uri: str):
+    """MLflow's fluent API on ``uri`` for the duration only. ``mlflow.set_tracking_uri`` also exports
+    ``MLFLOW_TRACKING_URI``, which every later run in this process and every process it starts (a Ray head, a
+    sweep's next point) would otherwise inherit and track to."""
+    from mlflow.tracking._tracking_service import utils
+
+    prev_uri, prev_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(prev_uri)  # None also unsets the variable
+        if prev_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = prev_env

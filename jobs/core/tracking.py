@@ -101,6 +101,12 @@ def default_tracking_uri(store_root: str) -> str:
     return f"sqlite:///{os.path.join(os.path.abspath(root), 'mlflow.db')}"
 
 
+def recorded_tracking_uri(record: dict | None) -> str | None:
+    """The tracking URI a run record names, where it is usable (one with credentials is recorded redacted)."""
+    uri = (record or {}).get("tracking_uri")
+    return uri if uri and "***" not in uri else None
+
+
 def run_page_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
     """The MLflow UI page of an experiment (or of one of its runs) at server ``base``, in the model-training view."""
     page = f"{base.rstrip('/')}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")

@@ -30,7 +30,8 @@ from vitpipe.jobs.stages import stages_for
 from vitpipe.jobs.stages.base import Stage, StageContext
 from vitpipe.jobs.train.progress import NULL_PROGRESS
 from vitpipe.jobs.core.secrets import flatten, redact, redact_text, redact_tree
-from vitpipe.jobs.core.tracking import MlflowTracker, NullTracker, Tracker, default_tracking_uri
+from vitpipe.jobs.core.tracking import (MlflowTracker, NullTracker, Tracker, default_tracking_uri,
+                                        recorded_tracking_uri)
 
 if TYPE_CHECKING:
     from vitpipe.jobs.config import PipelineConfig
@@ -214,7 +215,8 @@ def execute(cfg: PipelineConfig, run_id: str, *, force: tuple[str, ...] = (), tr
     """Run ``cfg`` as run ``run_id``; an existing run record means another attempt under the same MLflow parent."""
     store = Store(cfg.store)
     record = store.load_run(run_id) if exists(store.run_url(run_id)) else None
-    uri = tracking_uri_for(cfg, tracking_uri) if cfg.tracking.enabled else None
+    # the run's MLflow parent lives where it was tracked: the record says where, unless told otherwise
+    uri = tracking_uri_for(cfg, tracking_uri or recorded_tracking_uri(record)) if cfg.tracking.enabled else None
     parent = attach_parent(cfg, record, uri, label) if record else None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `vitpipe stop` / ray job stop send SIGTERM
     try:

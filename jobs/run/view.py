@@ -29,6 +29,7 @@ from rich.console import Console, RenderableType
 from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from vitpipe.jobs.core.secrets import redact_text
 from vitpipe.jobs.train.progress import StageProgress
 
 __all__ = ["EVERY_ENV", "RunView", "failure_line", "fmt_seconds", "log_is_open", "make_view", "run_log_path"]
@@ -137,11 +138,12 @@ class _Capture:
         _OPEN.append(self)
 
     def write(self, text: str) -> None:
-        """``text`` into the file: ANSI colours and carriage-return redraws removed."""
+        """``text`` into the file: ANSI colours and carriage-return redraws removed, credentials redacted (a worker's
+        error may quote a URL with a password)."""
         with self.lock:
             if self.file is None:
                 return
-            text = _ANSI.sub("", text)
+            text = redact_text(_ANSI.sub("", text))
             if "\r" in text:  # a redrawn bar: keep what it finally said
                 text = "\n".join(part.rsplit("\r", 1)[-1] for part in text.split("\n"))
             self.file.write(text)
@@ -291,14 +293,14 @@ class RunView:
 
     def _echo(self, line: str) -> None:
         with self._lock:
-            self.console.print(Text.from_ansi(line), soft_wrap=True, highlight=False)
+            self.console.print(Text.from_ansi(redact_text(line)), soft_wrap=True, highlight=False)
 
     def log_text(self, text: str) -> None:
         """Into the log file only (a traceback); onto the console too when verbose."""
         if self._capture is not None:
             self._capture.write(text if text.endswith("\n") else text + "\n")
         if self.verbose or self._capture is None:
-            self.print(Text(text), highlight=False)
+            self.print(Text(redact_text(text)), highlight=False)
 
     # -- stages
     def cached(self, name: str, text: str) -> None:
@@ -364,7 +366,7 @@ class RunView:
 
     def failed(self, name: str, error: BaseException, seconds: float | None = None) -> str:
         """A stage failed: its one-line cause first, then where the full log (with the traceback) is."""
-        line = failure_line(name, error)
+        line = redact_text(failure_line(name, error))
         with self._lock:
             self._end_bar(name)
             self._stop_live()

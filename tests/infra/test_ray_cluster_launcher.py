@@ -7,6 +7,7 @@ import copy
 import pytest
 from needs import need_module
 
+jsonschema = need_module("jsonschema", reason="Ray's config validator uses it")
 ray_util = need_module("ray.autoscaler._private.util", reason="ray is needed for its config validator")
 
 
@@ -28,8 +29,12 @@ def test_config_passes_ray_validation(cluster):
     assert full["head_node_type"] in full["available_node_types"]
 
 
-@pytest.mark.parametrize("mutation", ["unknown docker key", "unknown head type", "negative resources"])
-def test_validator_rejects_broken_configs(cluster, mutation):
+@pytest.mark.parametrize("mutation,error,message", [
+    ("unknown docker key", "ValidationError", "'imagee' was unexpected"),
+    ("unknown head type", "ValueError", "`head_node_type` must be one of `available_node_types`"),
+    ("negative resources", "ValidationError", "-1 is less than the minimum of 0"),
+])
+def test_validator_rejects_broken_configs(cluster, mutation, error, message):
     cfg = copy.deepcopy(cluster)
     if mutation == "unknown docker key":
         cfg["docker"]["imagee"] = "x"
@@ -37,8 +42,9 @@ def test_validator_rejects_broken_configs(cluster, mutation):
         cfg["head_node_type"] = "nope"
     else:
         cfg["available_node_types"]["gpu-8xh100"]["resources"]["GPU"] = -1
-    with pytest.raises(Exception):
+    with pytest.raises((ValueError, jsonschema.ValidationError)) as err:
         validated(cfg)
+    assert type(err.value).__name__ == error and message in str(err.value)
 
 
 def test_gpu_worker_type(cluster):

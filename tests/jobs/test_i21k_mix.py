@@ -35,9 +35,11 @@ def test_i21k_recipe_with_augreg_and_a_weighted_mix_runs_every_stage(tmp_path, c
         "pretrain.stream.img_size=32", "pretrain.stream.num_workers=0", "pretrain.stream.pin_memory=false",
         "pretrain.stream.shuffle_buffer=64", "pretrain.augreg=light2", f"pretrain.sources={json.dumps(sources)}",
         f"fewshot.tasks={task},digits", "fewshot.probe.shots=1,5", "fewshot.probe.seeds=0",
-        "fewshot.probe.test_limit=200", f"finetune.task={task}", "finetune.img_size=40", "finetune.steps=4",
+        "fewshot.probe.test_limit=200", "fewshot.knn.train_limit=300", "fewshot.knn.test_limit=200",
+        "fewshot.linear.train_limit=300", "fewshot.linear.test_limit=200", "fewshot.linear.l2_grid=0.001,0.1",
+        f"finetune.task={task}", "finetune.img_size=40", "finetune.steps=4",
         "finetune.batch_size=16", "finetune.warmup_steps=1", "finetune.train_limit=200", "finetune.test_limit=100",
-        "finetune.lr_grid=0.01", "finetune.ema_decay=none", "finetune.num_workers=2", "finetune.cpus_per_worker=1",
+        "finetune.lr_grid=0.01", "finetune.ema_decay=none", "finetune.num_workers=1", "finetune.cpus_per_worker=1",
         "finetune.log_every=2", f"analysis.task={task}", "analysis.num_images=8",
     ])
     assert cfg.pretrain.loss == "sigmoid" and cfg.pretrain.weight_decay == 0.03 and cfg.pretrain.lr == 1e-3

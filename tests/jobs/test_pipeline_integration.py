@@ -122,7 +122,14 @@ def test_cli_user_errors_are_one_line(tmp_path):
                                str(tmp_path / "s")], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         out = proc.stdout.strip().splitlines()
-        assert message in out[-1] and out[-1].startswith("error:"), proc.stdout
+        # A config error before the run is the last line; one a stage meets (the missing folder, found by ingest)
+        # is its one-line failure, followed only by where the full log is.
+        if out[-1].lstrip().startswith("full log: "):
+            out = out[:-1]
+            assert out[-1].startswith("✗ ingest failed: ") and message in out[-1], proc.stdout
+        else:
+            assert message in out[-1] and out[-1].startswith("error:"), proc.stdout
+        assert sum(message in line for line in out) == 1, proc.stdout
         assert "Traceback" not in proc.stdout + proc.stderr
 
 

@@ -9,14 +9,14 @@ import json
 
 import fsspec
 import pytest
+import ray.train
 import torch
-
-from vitpipe.jobs.stages import stages_for
 from vitpipe.jobs.config import resolve_paths
-from vitpipe.jobs.core.configtools import apply_overrides
 from vitpipe.jobs.config.recipes import get_recipe
-from vitpipe.jobs.run.runner import run_pipeline
+from vitpipe.jobs.core.configtools import apply_overrides
 from vitpipe.jobs.core.tracking import NullTracker
+from vitpipe.jobs.run.runner import run_pipeline
+from vitpipe.jobs.stages import stages_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -76,7 +76,7 @@ def test_killed_worker_resumes_to_identical_weights(tmp_path, cifar10_root, ray_
 
     # Elastic: the 2-rank run dies for good (no restarts left); `vitpipe run` again on ONE rank resumes the same
     # stage (topology is not part of its key) from its last checkpoint through a DeepSpeed universal checkpoint.
-    with pytest.raises(Exception):
+    with pytest.raises(ray.train.TrainingFailedError):  # no restarts left: Ray Train gives up
         _run(tmp_path, "elastic", cifar10_root, monkeypatch, {"record_keys": True, "kill_rank": 1,
                                                               "kill_after_step": 6}, "pretrain.max_failures=0")
     el_w, el_keys = _run(tmp_path, "elastic", cifar10_root, monkeypatch, {"record_keys": True},

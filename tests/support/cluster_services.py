@@ -133,7 +133,10 @@ class RayNode:
         while any(lo <= p <= lo + 200 for p in ports[:9]):  # Ray refuses a worker range that holds a chosen port
             lo = 20000 + (lo + 211) % 20000
         args += [f"--min-worker-port={lo}", f"--max-worker-port={lo + 200}"]
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS"))},
+        # nothing of this test process's tracking or cloud settings: a job's driver on this node must get them from
+        # its submission, as on a real cluster
+        env = {**{k: v for k, v in os.environ.items()
+                  if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS", "MLFLOW_", "AWS_"))},
                **raytools.local_head_env(raytools.token_path(), head=head_address is None),
                "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", **(env or {})}
         self.log = Path(temp_dir) / f"ray-start-{ports[2]}.log"
