@@ -37,6 +37,8 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/model_speed.py
 	$(BIN)/python benchmarks/data_speed.py
 	$(BIN)/python benchmarks/data_scale.py
+	$(BIN)/python benchmarks/step_overhead.py
+	$(BIN)/python benchmarks/fewshot_speed.py
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -44,7 +44,7 @@ class KnnConfig:
     test_limit: int | None = None
     """Score on a fixed random subset of this many test images; None = the full test split."""
     seed: int = 0
-    """Seed of the train/test subsets (only used with a limit)."""
+    """Seed of the train subset (only used with a limit; the test subset is the few-shot probe's, seed 0)."""
     chunk_mb: int = runtime_field(256)
     """Memory bound (MiB) of one chunk's float32 (chunk, n_train) similarity matrix."""
     batch_size: int = runtime_field(256)
@@ -135,7 +135,8 @@ def knn_metrics(
     train_labels = np.asarray(task.train_labels, dtype=np.int64)
     test_labels = np.asarray(task.test_labels, dtype=np.int64)
     train_idx = subset(train_labels.size, cfg.train_limit, cfg.seed)
-    test_idx = subset(test_labels.size, cfg.test_limit, cfg.seed + 1)
+    # the few-shot probe's fixed test subset (seed 0, whatever cfg.seed): one embedding serves every evaluator
+    test_idx = subset(test_labels.size, cfg.test_limit, 0)
     if max(cfg.ks) > train_idx.size:
         raise ValueError(f"knn k={max(cfg.ks)} exceeds the {train_idx.size} training images of task {task.name}")
     train = np.asarray(embed_fn("train", train_idx))

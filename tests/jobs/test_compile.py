@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
@@ -16,7 +14,8 @@ from vitpipe.jobs.train.synthetic import SyntheticStream
 from vitpipe.jobs.train.trainer import Trainer
 from vitpipe.models import ViTConfig
 
-pytestmark = pytest.mark.slow  # inductor compiles C++ kernels: about a minute on 2 cores
+# inductor compiles C++ kernels: about a minute on 2 cores; the session's one-rank gloo group (conftest)
+pytestmark = [pytest.mark.usefixtures("process_group"), pytest.mark.slow]
 
 MODEL = ViTConfig(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8, img_size=16, num_classes=5)
 STEPS = 8
@@ -25,22 +24,6 @@ STEPS = 8
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    # kept for the session: DeepSpeed caches the group, a later module cannot bring up another one
-    yield
 
 
 class Losses(TrainerCallback):

@@ -3,8 +3,6 @@ gradient norm compute what torch's clip_grad_norm_ + AdamW and DeepSpeed's own n
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
@@ -17,22 +15,6 @@ from vitpipe.models import ViTConfig, create
 MODEL = ViTConfig(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8, img_size=16, num_classes=5)
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    # kept for the session: DeepSpeed caches the group, a later module cannot bring up another one
-    yield
 
 
 def test_clipped_adamw_is_clip_grad_norm_then_adamw():

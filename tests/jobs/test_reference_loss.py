@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import platform
-import socket
 from pathlib import Path
 
 import pytest
@@ -38,6 +37,8 @@ OVERRIDES = ["pretrain.steps=12", "pretrain.log_every=1", "pretrain.num_workers=
 # tolerance leaves room for that and still catches the changes above (not weight decay: 8e-6 in 12 steps).
 TOLERANCE = 2e-4
 
+pytestmark = pytest.mark.usefixtures("process_group")  # the session's one-rank gloo group (conftest)
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, cifar10_root) -> str:
@@ -49,22 +50,6 @@ def shards(tmp_path_factory, cifar10_root) -> str:
         "ingest"].path("manifest")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    # kept for the session: DeepSpeed caches the group, a later module cannot bring up another one
-    yield
 
 
 class Losses(TrainerCallback):

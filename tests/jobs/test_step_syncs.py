@@ -4,8 +4,6 @@ and its non-finite guard skips a bad step's whole update before it touches the w
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 
 import pytest
 import torch
@@ -23,24 +21,9 @@ from vitpipe.pipeline.mix import MixConfig
 
 MODEL = ViTConfig(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8, img_size=16, num_classes=5)
 
+pytestmark = pytest.mark.usefixtures("process_group")  # the session's one-rank gloo group (conftest)
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """A one-rank gloo group, as DeepSpeed needs one (the session's, if it has one already)."""
-    import torch.distributed as dist
 
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    # kept for the session: DeepSpeed caches the group, a later module cannot bring up another one
-    yield
 
 
 class NanAt(TrainerHooks):
