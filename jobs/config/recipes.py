@@ -107,7 +107,8 @@ def tiny() -> PipelineConfig:
                         validation_evaluators=("fewshot", "knn"), out_of_domain=()),
         # two Ray Train workers (DDP), as a cluster runs it: the tests exercise that path
         finetune=replace(cfg.finetune, img_size=40, steps=4, batch_size=16, warmup_steps=1, train_limit=200,
-                         test_limit=100, log_every=2, eval_batch_size=64, num_workers=2),
+                         test_limit=100, log_every=2, eval_batch_size=64, num_workers=2,
+                         cpus_per_worker=1),
         analysis=replace(cfg.analysis, num_images=8),
     )
 
