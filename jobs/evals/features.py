@@ -272,3 +272,14 @@ class FeatureCache:
 
         return cached
 
+
+def bind_cache(embed_fn: EmbedFn, cache: "FeatureCache | None", *, evaluator: str, model_key: str | None,
+               task: str, resolution: int | str | None, representation: str) -> EmbedFn:
+    """``embed_fn`` through ``cache`` (unchanged without one); a cache needs the model's key, which names the
+    entries: ValueError naming ``evaluator`` otherwise."""
+    if cache is None:
+        return embed_fn
+    if not model_key:
+        raise ValueError(f"{evaluator} with a feature cache needs a model_key")
+    return cache.bind(embed_fn, model_key=model_key, task=task, resolution=resolution, representation=representation)
+

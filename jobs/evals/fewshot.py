@@ -24,7 +24,7 @@ import torch
 
 from vitpipe.pipeline.fields import runtime_field
 
-from .features import REPRESENTATIONS, EmbedFn, FeatureCache, make_embed_fn, model_fingerprint
+from .features import REPRESENTATIONS, EmbedFn, FeatureCache, bind_cache, make_embed_fn, model_fingerprint
 from .ridge import BIAS_CONSTANT, RidgeProbe, ridge_fit_predict
 
 __all__ = [
@@ -147,11 +147,8 @@ def fewshot_metrics(
     test_labels = np.asarray(task.test_labels, dtype=np.int64)
     if train_labels.size and train_labels.max() >= num_classes:
         raise ValueError(f"task {task.name}: train label {train_labels.max()} outside its {num_classes} classes")
-    if cache is not None:
-        if not model_key:
-            raise ValueError("fewshot_eval with a feature cache needs a model_key")
-        embed_fn = cache.bind(embed_fn, model_key=model_key, task=task.name, resolution=resolution,
-                              representation=cfg.representation)
+    embed_fn = bind_cache(embed_fn, cache, evaluator="fewshot_eval", model_key=model_key, task=task.name,
+                          resolution=resolution, representation=cfg.representation)
 
     samples = {(k, s): sample_shots(train_labels, k, s, num_classes=num_classes) for k in cfg.shots for s in cfg.seeds}
     train_idx = np.unique(np.concatenate(list(samples.values())))

@@ -21,7 +21,7 @@ import torch
 
 from vitpipe.pipeline.fields import runtime_field
 
-from .features import REPRESENTATIONS, EmbedFn, FeatureCache
+from .features import REPRESENTATIONS, EmbedFn, FeatureCache, bind_cache
 from .fewshot import FewshotTask
 
 __all__ = ["KnnConfig", "knn_eval", "knn_metrics", "knn_predict", "subset"]
@@ -127,11 +127,8 @@ def knn_metrics(
 ) -> Iterator[tuple[str, float]]:
     """Yield ``(<task>/knn/k<k>, accuracy)`` for every ``k`` of ``cfg``: the whole train split (or
     ``train_limit`` of it) is the neighbour bank, scored on the test split (or ``test_limit`` of it)."""
-    if cache is not None:
-        if not model_key:
-            raise ValueError("knn_eval with a feature cache needs a model_key")
-        embed_fn = cache.bind(embed_fn, model_key=model_key, task=task.name, resolution=resolution,
-                              representation=cfg.representation)
+    embed_fn = bind_cache(embed_fn, cache, evaluator="knn_eval", model_key=model_key, task=task.name,
+                          resolution=resolution, representation=cfg.representation)
     train_labels = np.asarray(task.train_labels, dtype=np.int64)
     test_labels = np.asarray(task.test_labels, dtype=np.int64)
     train_idx = subset(train_labels.size, cfg.train_limit, cfg.seed)

@@ -29,7 +29,7 @@ import torch
 
 from vitpipe.pipeline.fields import runtime_field
 
-from .features import REPRESENTATIONS, EmbedFn, FeatureCache
+from .features import REPRESENTATIONS, EmbedFn, FeatureCache, bind_cache
 from .fewshot import FewshotTask, _l2_name
 from .knn import subset
 
@@ -214,11 +214,8 @@ def linear_metrics(
     """Yield, with a grid of two or more λ: ``<task>/linear/l2_<λ>/val_acc`` per grid value,
     ``<task>/linear/val_acc`` (held-out accuracy of the chosen λ) and ``<task>/linear/holdout_size``; always
     ``<task>/linear/l2`` (the chosen λ) and ``<task>/linear/test_acc`` (refit on all of train, scored on test)."""
-    if cache is not None:
-        if not model_key:
-            raise ValueError("linear_eval with a feature cache needs a model_key")
-        embed_fn = cache.bind(embed_fn, model_key=model_key, task=task.name, resolution=resolution,
-                              representation=cfg.representation)
+    embed_fn = bind_cache(embed_fn, cache, evaluator="linear_eval", model_key=model_key, task=task.name,
+                          resolution=resolution, representation=cfg.representation)
     from vitpipe.pipeline.tasks import holdout_fraction, stratified_holdout
 
     num_classes, dtype = len(task.classes), _DTYPES[cfg.dtype]
