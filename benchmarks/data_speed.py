@@ -11,9 +11,9 @@ the ratios are what matter. Targets (issue 4): stream >= 0.9x (a) per core; >= 1
 >= 1.2x (b) at CIFAR size.
 
 The `aug` section prices each augmentation per image, in one process and one thread: the stream's decode + crop +
-flip alone, with RandAugment(2, m) at a few magnitudes (and each RandAugment op alone on a decoded crop), and
-Mixup / CutMix per batch on top, as img/CPU-s and as a ratio to decode + crop + flip, so a recipe's data cost is
-known before it runs on a cluster.
+flip alone, the same with the CIFAR pad crop instead of the Inception crop, with RandAugment(2, m) at a few
+magnitudes (and each RandAugment op alone on a decoded crop), and Mixup / CutMix per batch on top, as img/CPU-s and
+as a ratio to decode + crop + flip, so a recipe's data cost is known before it runs on a cluster.
 """
 
 from __future__ import annotations
@@ -238,6 +238,7 @@ def aug_cost(name, datas, size, batch, rounds, magnitudes=(0, 10, 15, 20)) -> di
 
         for _ in range(rounds):
             best("base", _per_image(ImageTransform(size, train=True), datas))
+            best("pad", _per_image(ImageTransform(size, train=True, crop="pad"), datas))
             for m in magnitudes:
                 best(f"ra{m}", _per_image(ImageTransform(size, train=True, randaug_num_ops=2, randaug_magnitude=m),
                                           datas))
@@ -260,6 +261,7 @@ def aug_cost(name, datas, size, batch, rounds, magnitudes=(0, 10, 15, 20)) -> di
           f"rounds, load avg now {os.getloadavg()[0]:.1f}")
     print(f"{'':52s} {'img/CPU-s':>10s} {'vs base':>8s}")
     print(f"{'decode + crop + flip (base)':52s} {base:10.0f} {1.0:8.2f}")
+    print(f"{'decode + pad crop (crop=pad, 4 px) + flip':52s} {rate['pad']:10.0f} {rate['pad'] / base:8.2f}")
     for m in magnitudes:
         print(f"{f'base + RandAugment(2, {m})':52s} {rate[f'ra{m}']:10.0f} {rate[f'ra{m}'] / base:8.2f}")
     for kind in ("mixup", "cutmix"):

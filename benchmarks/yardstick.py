@@ -78,13 +78,13 @@ def run_yardstick(budget: float, save: str) -> dict:
 
 def export(save: str, out_dir: Path) -> dict:
     """model.pt + model.json of the converted yardstick; returns the parity check."""
-    from vitpipe.models import create
+    from vitpipe.models import create, fold_input_normalisation
 
     blob = torch.load(save, map_location="cpu", weights_only=False)  # our own file, written just now
     sd, cfg = convert(blob["model"])
     mean, std = [float(v) for v in blob["mean"]], [float(v) for v in blob["std"]]
     model = create(cfg).eval()
-    model.load_state_dict(fold_normalisation(sd, mean, std))
+    model.load_state_dict(fold_input_normalisation(sd, mean, std))
     bare = _bare_module().ViT(nc=cfg.num_classes).eval()
     bare.load_state_dict(blob["model"])
     u = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # pixels in [0, 1]
@@ -99,19 +99,6 @@ def export(save: str, out_dir: Path) -> dict:
             "normalisation_folded_from": {"mean": mean, "std": std}}
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2))
     return {"feature_max_abs_diff": diff, "mean": mean, "std": std}
-
-
-def fold_normalisation(sd: dict, mean, std, to_mean=0.5, to_std=0.5) -> dict:
-    """The patch-embedding weights rewritten so the model takes vitpipe's input normalisation ((u - 0.5) / 0.5)
-    instead of the yardstick's per-channel (u - mean) / std: exact, the patch conv is linear and unpadded."""
-    w, b = sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"]
-    m, s = torch.tensor(mean, dtype=w.dtype), torch.tensor(std, dtype=w.dtype)
-    scale = to_std / s                    # x_yard = scale * x_vit + shift
-    shift = (to_mean - m) / s
-    out = dict(sd)
-    out["patch_embed.proj.weight"] = w * scale.view(1, -1, 1, 1)
-    out["patch_embed.proj.bias"] = b + (w * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
-    return out
 
 
 def evaluate(model_dir: Path, recipe: str, threads: int) -> dict:

@@ -9,6 +9,7 @@ feats = model.pre_logits(images)                        # few-shot features
 
 from .config import CANONICAL_NAMES, HYBRID_BACKBONES, VARIANTS, HybridConfig, ViTConfig, decode_variant
 from .flops import flops, variant_table
+from .normalisation import fold_input_normalisation, is_default_normalisation
 from .pos_embed import adapt_state_dict, load_pretrained, resize_pos_embed
 from .vit import VisionTransformer, create
 
@@ -23,6 +24,8 @@ __all__ = [
     "create",
     "decode_variant",
     "flops",
+    "fold_input_normalisation",
+    "is_default_normalisation",
     "load_pretrained",
     "resize_pos_embed",
     "variant_table",

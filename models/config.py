@@ -105,6 +105,11 @@ class ViTConfig:
     """Initial head bias; the paper's sigmoid cross-entropy pretraining on JFT uses -10."""
     qkv_bias: bool = True
     """Biases on the query/key/value projections."""
+    init: Literal["jax", "torch"] = "jax"
+    """Weight init. "jax": the original code's (lecun-normal patch kernel, xavier-uniform Dense kernels, near-zero
+    MLP biases, zero head kernel), what the paper's checkpoints were trained from. "torch": PyTorch's own module
+    defaults (kaiming-uniform kernels, uniform biases, a non-zero head; class token zero, position embedding
+    N(0, 0.02)), what a bare PyTorch loop starts from."""
     hybrid: HybridConfig | None = None
     """ResNet stem for hybrid models (e.g. R50+ViT-B/16); None for plain patch slicing."""
 
@@ -128,6 +133,8 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.pool must be 'token' or 'gap', got {self.pool!r}")
         if self.pool == "token" and not self.class_token:
             raise ValueError("ViTConfig.pool='token' needs class_token=True")
+        if self.init not in ("jax", "torch"):
+            raise ValueError(f"ViTConfig.init must be 'jax' or 'torch', got {self.init!r}")
         if self.gelu not in ("tanh", "exact"):
             raise ValueError(f"ViTConfig.gelu must be 'tanh' or 'exact', got {self.gelu!r}")
         if self.representation_size is not None and self.representation_size < 1:

@@ -64,8 +64,20 @@ class VisionTransformer(nn.Module):
     # ---- init -----------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Original-code init: lecun-normal patch kernel, xavier-uniform Dense kernels, MLP biases N(0, 1e-6),
-        pos-emb N(0, 0.02), class token and head kernel zero, head bias ``classifier_bias_init``."""
+        """``cfg.init == "jax"``, the original code's init: lecun-normal patch kernel, xavier-uniform Dense kernels,
+        MLP biases N(0, 1e-6), pos-emb N(0, 0.02), class token and head kernel zero, head bias
+        ``classifier_bias_init``. ``"torch"``: every layer's own ``reset_parameters`` (PyTorch's defaults), class
+        token zero, pos-emb N(0, 0.02), head bias ``classifier_bias_init``."""
+        if self.cfg.init == "torch":
+            for m in self.modules():
+                if m is not self and callable(getattr(m, "reset_parameters", None)):
+                    m.reset_parameters()
+            if self.cls_token is not None:
+                nn.init.zeros_(self.cls_token)
+            nn.init.normal_(self.pos_embed, std=0.02)
+            if isinstance(self.head, nn.Linear) and self.cfg.classifier_bias_init:
+                nn.init.constant_(self.head.bias, self.cfg.classifier_bias_init)
+            return
         self.patch_embed.init_weights()
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)

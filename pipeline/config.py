@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from .augment import MAX_MAGNITUDE
 from .fields import result_dict, runtime_field
@@ -95,6 +96,12 @@ class StreamConfig:
     """Area fraction range of the random-resized crop."""
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     """Aspect-ratio range of the random-resized crop."""
+    crop: Literal["rrc", "pad"] = "rrc"
+    """Train crop. "rrc": the Inception random-resized crop above. "pad": the CIFAR crop: the eval view (resize short
+    side + centre crop), reflection-padded by `pad_px` on each side, then a random `img_size` window (translations
+    of up to `pad_px` pixels, no rescaling)."""
+    pad_px: int = 4
+    """Reflection padding of the "pad" crop."""
     hflip: bool = True
     """Random horizontal flip (train only)."""
     randaug_num_ops: int = 0
@@ -140,6 +147,10 @@ class StreamConfig:
         lo, hi = self.rrc_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"StreamConfig.rrc_scale must satisfy 0 < lo <= hi <= 1, got {self.rrc_scale}")
+        if self.crop not in ("rrc", "pad"):
+            raise ValueError(f"StreamConfig.crop must be 'rrc' or 'pad', got {self.crop!r}")
+        if self.pad_px < 0 or (self.crop == "pad" and self.pad_px >= self.img_size):
+            raise ValueError(f"StreamConfig.pad_px must be in [0, img_size), got {self.pad_px}")
         if not 0.0 < self.rrc_ratio[0] <= self.rrc_ratio[1]:
             raise ValueError(f"StreamConfig.rrc_ratio must satisfy 0 < lo <= hi, got {self.rrc_ratio}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:

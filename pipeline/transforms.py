@@ -144,10 +144,25 @@ def _jpeg_crop_resize(data: bytes, w: int, h: int, box: tuple[float, ...], size:
     return np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR, box=box))
 
 
+def pad_crop(arr: np.ndarray, pad: int, rng) -> np.ndarray:
+    """The CIFAR crop: (S, S, C) uint8 reflection-padded by `pad` (edge pixel not repeated, as ``np.pad``'s and
+    ``torch.nn.functional.pad``'s "reflect"), then the S x S window at offsets drawn uniformly from 0..2*pad
+    (row, then column)."""
+    if pad == 0:
+        return arr
+    n = 2 * pad + 1
+    i = min(int(rng.random() * n), n - 1)
+    j = min(int(rng.random() * n), n - 1)
+    h, w = arr.shape[:2]
+    padded = np.pad(arr, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    return np.ascontiguousarray(padded[i:i + h, j:j + w])
+
+
 class ImageTransform:
     """PIL image or encoded bytes -> normalised float tensor (3, H, W).
 
-    train=True: Inception random-resized crop (`scale`, `ratio`) + horizontal flip, then RandAugment when
+    train=True: Inception random-resized crop (`scale`, `ratio`; or with crop="pad" the CIFAR crop, see `pad_crop`)
+    + horizontal flip, then RandAugment when
     `randaug_num_ops` > 0 (big_vision's order); train=False: resize short side to `img_size` + center crop, never
     augmented. `rng` (a `random.Random`, numpy Generator or int seed) makes train crops reproducible; the stream
     passes one derived from (seed, epoch, key), and RandAugment continues drawing from it after the crop and flip.
@@ -156,9 +171,13 @@ class ImageTransform:
     def __init__(self, img_size: int = 224, train: bool = False, scale: tuple[float, float] = (0.35, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5),
-                 randaug_num_ops: int = 0, randaug_magnitude: int = 0):
+                 randaug_num_ops: int = 0, randaug_magnitude: int = 0, crop: str = "rrc", pad_px: int = 4):
         if img_size < 1:
             raise ValueError(f"ImageTransform.img_size must be >= 1, got {img_size}")
+        if crop not in ("rrc", "pad") or not 0 <= pad_px < img_size:
+            raise ValueError(f"ImageTransform: crop must be 'rrc' or 'pad' and 0 <= pad_px < img_size, got "
+                             f"{crop!r}, {pad_px}")
+        self.crop, self.pad_px = crop, pad_px
         self.img_size, self.train, self.scale, self.ratio, self.hflip = img_size, train, scale, ratio, hflip
         self.mean, self.std = tuple(mean), tuple(std)
         randaug = RandAugment(randaug_num_ops, randaug_magnitude)  # validates even where it is not used
@@ -168,7 +187,8 @@ class ImageTransform:
     def from_config(cls, cfg: StreamConfig) -> "ImageTransform":
         """The per-sample transform a stream with `cfg` applies."""
         return cls(cfg.img_size, cfg.train, cfg.rrc_scale, cfg.rrc_ratio, cfg.hflip, cfg.mean, cfg.std,
-                   randaug_num_ops=cfg.randaug_num_ops, randaug_magnitude=cfg.randaug_magnitude)
+                   randaug_num_ops=cfg.randaug_num_ops, randaug_magnitude=cfg.randaug_magnitude, crop=cfg.crop,
+                   pad_px=cfg.pad_px)
 
     def to_uint8(self, data: bytes | Image.Image, rng=None) -> np.ndarray:
         """(H, W, 3) uint8 after crop/resize/flip [/RandAugment]; raises PIL/OSError errors on corrupt data."""
@@ -190,11 +210,14 @@ class ImageTransform:
                 img = open_image(data)
         if arr is None:
             arr = np.asarray(crop_resize(img, box, self.img_size))
+        if self.train and self.crop == "pad":
+            arr = pad_crop(arr, self.pad_px, rng)
+            flip = self.hflip and rng.random() < 0.5  # drawn after the offsets (the crop box drew nothing)
         arr = arr[:, ::-1] if flip else arr
         return arr if self.randaug is None else self.randaug(arr, rng)
 
     def _box(self, w: int, h: int, rng) -> tuple[tuple[float, ...], bool]:
-        if not self.train:
+        if not self.train or self.crop == "pad":  # the pad crop starts from the eval view
             return center_box(w, h), False
         box = rrc_box(w, h, rng, self.scale, self.ratio)
         return box, self.hflip and rng.random() < 0.5
@@ -203,7 +226,8 @@ class ImageTransform:
         return normalize_batch(self.to_uint8(data, rng)[None], self.mean, self.std)[0]
 
     def __repr__(self) -> str:
-        return (f"ImageTransform(img_size={self.img_size}, train={self.train}, scale={self.scale}, hflip={self.hflip}"
+        return (f"ImageTransform(img_size={self.img_size}, train={self.train}, crop={self.crop!r}, scale={self.scale}, "
+                f"hflip={self.hflip}"
                 f"{'' if self.randaug is None else ', ' + repr(self.randaug)})")
 
 

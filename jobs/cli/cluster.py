@@ -28,21 +28,23 @@ address_opt = typer.Option(DEFAULT_ADDRESS, "--address", envvar=_ADDRESS_ENV, he
 def show(rep: cluster_status.JobReport) -> None:
     """A job's verdict, reason, stages, run, MLflow link, diagnosis and how to resume it."""
     style = VERDICT_STYLE.get(rep.verdict, "white")
-    lines = [f"job [bold]{rep.job_id}[/]: [{style}]{rep.verdict}[/] (Ray: {rep.ray_status}, run.json: "
-             f"{rep.run_status or 'not written yet'})"]
+    sweep = rep.kind == "sweep"
+    lines = [f"job [bold]{rep.job_id}[/]: [{style}]{rep.verdict}[/] (Ray: {rep.ray_status}, "
+             f"{'sweep.json' if sweep else 'run.json'}: {rep.run_status or 'not written yet'})"]
     if rep.reason:
         lines.append(f"  reason: {rep.reason}")
     if rep.stages:
-        lines.append("  stages: " + ", ".join(f"{k}={v}" for k, v in rep.stages.items()))
+        lines.append(("  points: " if sweep else "  stages: ") + ", ".join(f"{k}={v}" for k, v in rep.stages.items()))
     if rep.run_id:
-        lines.append(f"  run: {rep.run_id} in {rep.store}")
+        lines.append(f"  {'sweep' if sweep else 'run'}: {rep.run_id} in {rep.store}")
     link = cluster_links.mlflow_link(os.environ.get("MLFLOW_TRACKING_URI") or rep.tracking_uri, rep.mlflow_run_id)
     if link:
         lines.append(f"  MLflow: {link}")
     if rep.diagnosis:
         lines.append(f"  [bold red]diagnosis:[/] {rep.diagnosis}")
     if rep.verdict in ("FAILED", "STOPPED") and rep.run_id:
-        lines.append(f"  resume with: vitpipe resume {rep.run_id} --store {rep.store}")
+        lines.append(f"  resume with: vitpipe sweep --resume {rep.run_id} --store {rep.store} --address <URL>"
+                     if sweep else f"  resume with: vitpipe resume {rep.run_id} --store {rep.store}")
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True)
 

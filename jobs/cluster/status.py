@@ -33,6 +33,7 @@ class JobReport:
     tracking_uri: str | None = None
     start_time: float | None = None  # seconds since epoch
     end_time: float | None = None
+    kind: str = "run"  # "sweep" for a submitted sweep: run_id is its sweep id, stages its points
     diagnosis: str = ""
 
     @property
@@ -48,6 +49,26 @@ def _run_record(store: str | None, run_id: str | None) -> dict | None:
         return s.load_run(run_id) if exists(s.run_url(run_id)) else None
     except Exception:  # noqa: BLE001 - an unreadable store is reported as "no record", with the reason below
         return None
+
+
+def _sweep_record(store: str | None, sweep_id: str | None) -> dict | None:
+    """A submitted sweep's evidence in the run-record shape ``judge`` reads: its status and, in place of stages, one
+    state per point (``[i]``), from the sweep's ``sweep.json``."""
+    if not (store and sweep_id):
+        return None
+    from vitpipe.jobs.run.sweep import DONE, load_sweep, sweep_url
+
+    try:
+        if not exists(sweep_url(Store(store), sweep_id)):
+            return None
+        sw = load_sweep(store, sweep_id)
+    except Exception:  # noqa: BLE001 - an unreadable store is reported as "no record", as for a run
+        return None
+    states = {f"[{p.index}]": "done" if p.status == DONE else ("failed" if p.status == "FAILED" else "waiting")
+              for p in sw.points}
+    return {"status": sw.status, "mlflow_run_id": sw.mlflow_run_id, "points": states,
+            "error": f"points failed: {', '.join(k for k, v in states.items() if v == 'failed')}"
+            if sw.status == "FAILED" else None}
 
 
 def _stage_states(record: dict) -> dict[str, str]:
@@ -80,9 +101,11 @@ def judge(info: Any, record: dict | None) -> JobReport:
                     tracking_uri=md.get("vitpipe.tracking_uri") or None,
                     start_time=info.start_time / 1000 if info.start_time else None,
                     end_time=info.end_time / 1000 if info.end_time else None)
+    if md.get("vitpipe.sweep_id"):
+        rep.run_id, rep.kind = md["vitpipe.sweep_id"], "sweep"
     if record:
         rep.run_status, rep.mlflow_run_id = record.get("status"), record.get("mlflow_run_id")
-        rep.stages = _stage_states(record)
+        rep.stages = dict(record["points"]) if "points" in record else _stage_states(record)
     message = (info.message or "").strip().splitlines()
     if rep.ray_status in ("PENDING", "RUNNING"):
         rep.verdict = rep.ray_status
@@ -93,12 +116,16 @@ def judge(info: Any, record: dict | None) -> JobReport:
         rep.reason = _one_line((record or {}).get("error") or "\n".join(message) or "the driver failed")
     else:  # SUCCEEDED: only if the store agrees
         missing = [n for n, s in rep.stages.items() if s != "done"]
+        what = "sweep.json" if rep.kind == "sweep" else "run.json"
         if record is None:
-            rep.verdict, rep.reason = "FAILED", f"job exited 0 but wrote no run record under {rep.store}"
+            rep.verdict, rep.reason = "FAILED", (f"job exited 0 but wrote no {rep.kind} record ({what}) under "
+                                                 f"{rep.store}")
         elif record.get("status") != "FINISHED":
-            rep.verdict, rep.reason = "FAILED", f"job exited 0 but run.json says {record.get('status')}"
+            rep.verdict, rep.reason = "FAILED", f"job exited 0 but {what} says {record.get('status')}"
         elif missing:
-            rep.verdict, rep.reason = "FAILED", f"job exited 0 but stage '{missing[0]}' has no result.json"
+            rep.verdict, rep.reason = "FAILED", (f"job exited 0 but point {missing[0]} did not finish" if
+                                                 "points" in record else
+                                                 f"job exited 0 but stage '{missing[0]}' has no result.json")
         else:
             rep.verdict = "SUCCEEDED"
     return rep
@@ -115,6 +142,8 @@ def _one_line(text: str) -> str:
 def report(client: Any, job_id: str) -> JobReport:
     info = job_info(client, job_id)
     md = info.metadata or {}
+    if md.get("vitpipe.sweep_id"):
+        return judge(info, _sweep_record(md.get("vitpipe.store"), md["vitpipe.sweep_id"]))
     return judge(info, _run_record(md.get("vitpipe.store"), md.get("vitpipe.run_id")))
 
 
@@ -170,20 +199,59 @@ def stop(client: Any, job_id: str, timeout_s: float = 60.0) -> JobReport:
 
 
 def reconcile_stopped(rep: JobReport) -> None:
-    """After a stop or a hard kill, mark what the driver could not: run.json STOPPED, MLflow runs KILLED."""
+    """After a stop or a hard kill, mark what the driver could not: run.json STOPPED, MLflow runs KILLED; for a
+    sweep, sweep.json and its unfinished points too (``vitpipe sweep --resume`` reruns them)."""
     if rep.ray_status not in ("STOPPED", "FAILED"):
         return
-    record = _run_record(rep.store, rep.run_id)
+    if rep.kind == "sweep":
+        _reconcile_sweep(rep)
+        return
+    status = _reconcile_run(rep.store, rep.run_id, rep.job_id, rep.ray_status)
+    rep.run_status = status or rep.run_status
+
+
+def _reconcile_run(store: str | None, run_id: str | None, job_id: str, ray_status: str) -> str | None:
+    """One run's record and MLflow runs closed after its job ended; the record's status (None: no record)."""
+    record = _run_record(store, run_id)
     if record and record.get("status") == "RUNNING":
-        record["status"] = "STOPPED" if rep.ray_status == "STOPPED" else "FAILED"
-        record["error"] = record.get("error") or f"Ray job {rep.job_id} ended {rep.ray_status} before the driver did"
-        Store(record["config"]["store"]).save_run(rep.run_id, record)
-        rep.run_status = record["status"]
+        record["status"] = "STOPPED" if ray_status == "STOPPED" else "FAILED"
+        record["error"] = record.get("error") or f"Ray job {job_id} ended {ray_status} before the driver did"
+        Store(record["config"]["store"]).save_run(run_id, record)
     if record and record.get("mlflow_run_id"):
-        uri = (os.environ.get("MLFLOW_TRACKING_URI") or recorded_tracking_uri(record)
-               or record["config"]["tracking"].get("uri"))
-        store = record["config"]["store"]
-        if not uri and local_path(store) and os.path.exists(os.path.join(local_path(store), "mlflow.db")):
-            uri = f"sqlite:///{os.path.join(local_path(store), 'mlflow.db')}"  # the runner's default
+        uri = _tracking_uri(record)
         if uri:
-            close_mlflow_runs(uri, record["mlflow_run_id"], "KILLED" if rep.ray_status == "STOPPED" else "FAILED")
+            close_mlflow_runs(uri, record["mlflow_run_id"], "KILLED" if ray_status == "STOPPED" else "FAILED")
+    return record.get("status") if record else None
+
+
+def _tracking_uri(record: dict) -> str | None:
+    uri = (os.environ.get("MLFLOW_TRACKING_URI") or recorded_tracking_uri(record)
+           or record["config"]["tracking"].get("uri"))
+    store = record["config"]["store"]
+    if not uri and local_path(store) and os.path.exists(os.path.join(local_path(store), "mlflow.db")):
+        uri = f"sqlite:///{os.path.join(local_path(store), 'mlflow.db')}"  # the runner's default
+    return uri
+
+
+def _reconcile_sweep(rep: JobReport) -> None:
+    from vitpipe.jobs.run.sweep import load_sweep
+
+    try:
+        sw = load_sweep(rep.store, rep.run_id)
+    except (FileNotFoundError, ValueError, KeyError):
+        return
+    if sw.status != "RUNNING":
+        return
+    for pt in sw.points:
+        if pt.status == "RUNNING":
+            _reconcile_run(rep.store, pt.run_id, rep.job_id, rep.ray_status)
+            pt.status, pt.error = "KILLED", pt.error or f"Ray job {rep.job_id} ended {rep.ray_status}"
+    sw.status = "STOPPED" if rep.ray_status == "STOPPED" else "FAILED"
+    sw.save()
+    rep.run_status = sw.status
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or sw.tracking_uri or sw.base.tracking.uri
+    store = local_path(sw.store.root)
+    if not uri and store and os.path.exists(os.path.join(store, "mlflow.db")):
+        uri = f"sqlite:///{os.path.join(store, 'mlflow.db')}"
+    if uri and sw.mlflow_run_id and "***" not in uri:
+        close_mlflow_runs(uri, sw.mlflow_run_id, "KILLED" if rep.ray_status == "STOPPED" else "FAILED")

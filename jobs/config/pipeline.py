@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from vitpipe.jobs.stages.analysis import AnalysisConfig
 from vitpipe.jobs.stages.fewshot import FewshotStageConfig
 from vitpipe.jobs.train.config import FinetuneConfig, PretrainConfig
-from vitpipe.models import ViTConfig
+from vitpipe.models import ViTConfig, is_default_normalisation
 from vitpipe.pipeline import IngestConfig
 
 ALL_STAGES = ("ingest", "dedup", "pretrain", "fewshot", "finetune", "analysis", "report")
@@ -78,6 +78,11 @@ class PipelineConfig:
         if self.data.limit is not None and self.pretrain.stream.limit is not None:
             raise ValueError("data.limit and pretrain.stream.limit are both set: set data.limit only (the "
                              "pretrain stage passes it to the stream)")
+        st = self.pretrain.stream
+        if self.model.hybrid is not None and not is_default_normalisation(st.mean, st.std):
+            raise ValueError("pretrain.stream.mean/std other than 0.5 need a plain patch embedding: the exported "
+                             "model folds them into it (vitpipe.models.normalisation), which a hybrid ResNet stem "
+                             "cannot take exactly")
 
 
 def resolve_paths(cfg: PipelineConfig, base: str | None = None) -> PipelineConfig:

@@ -44,6 +44,10 @@ DEMO_TASKS = ("cifar10=../shared/data/cifar10", "digits", "hymenoptera=../shared
 """The demo's evaluation tasks: CIFAR-10 (in-domain: the pretraining distribution), digits and the hymenoptera photos
 (out-of-domain), the photos also at 64 px (position embeddings interpolated from the 32 px model)."""
 DEMO_OUT_OF_DOMAIN = ("digits", "hymenoptera", "hymenoptera_64px")
+# Per-channel mean and std of CIFAR-10 train's pixels in [0, 1] (all 50,000 JPEGs of ../shared/data/cifar10/train,
+# over every pixel: what benchmarks/yardstick.py's bare loop computes and normalises with).
+CIFAR10_MEAN = (0.4913, 0.4821, 0.4465)
+CIFAR10_STD = (0.2452, 0.2428, 0.2606)
 
 
 @recipe
@@ -54,13 +58,20 @@ def demo() -> PipelineConfig:
     return PipelineConfig(
         name="demo",
         ingest=IngestConfig(split="train", shard_max_samples=2500, num_workers=2),
-        model=ViTConfig.from_name("Ti/4", img_size=32, num_classes=10, depth=6),
-        pretrain=PretrainConfig(steps=165, global_batch=128, micro_batch=64, lr=8e-4, warmup_steps=20,
-                                weight_decay=0.1, zero_stage=2, num_workers=2, checkpoint_every=100, log_every=10,
-                                # Chosen by the transfer score on validation views (README, "How the demo
-                                # recipe was chosen"): Inception crop (0.35-1) + flip 58.4, no crop 53.5, crop +
-                                # RandAugment light1 53.9; in-domain validation within noise of no crop.
-                                stream=StreamConfig(img_size=32, rrc_scale=(0.35, 1.0), shuffle_buffer=2000),
+        # PyTorch's default init, not the original code's: at 4 minutes it learns faster (README, "How the demo
+        # recipe was chosen": CIFAR-10 validation 10/25-shot 32.2/36.8 vs 30.3/32.2, digits 59.5/69.0 vs 50.3/60.9)
+        model=ViTConfig.from_name("Ti/4", img_size=32, num_classes=10, depth=6, init="torch"),
+        # The LR ramps up over the whole run (no decay), weight decay 0.05, no clipping: at this length it beat
+        # 20 warm-up steps + linear decay, wd 0.1, clip 1 on the validation views that can tell them apart.
+        pretrain=PretrainConfig(steps=180, global_batch=128, micro_batch=64, lr=9e-4, warmup_steps=180,
+                                weight_decay=0.05, grad_clip=0.0, zero_stage=2, num_workers=2, checkpoint_every=100,
+                                log_every=10,
+                                # Chosen on validation views (README, "How the demo recipe was chosen"): inputs
+                                # normalised by CIFAR-10 train's own statistics (folded into the exported patch
+                                # embedding, so every consumer still feeds (u - 0.5) / 0.5), the CIFAR pad crop
+                                # (reflect 4 px, random 32 px window) + flip.
+                                stream=StreamConfig(img_size=32, crop="pad", pad_px=4, shuffle_buffer=2000,
+                                                    mean=CIFAR10_MEAN, std=CIFAR10_STD),
                                 # few-shot curves vs step on in- and out-of-domain validation views, sized to stay
                                 # under max_stall (10% of training time): up to 10 shots x 2 seeds (the error bars),
                                 # 250 scored images per task, on rank 0's one thread (benchmarks/fewshot_speed.py:
@@ -97,7 +108,9 @@ def tiny() -> PipelineConfig:
         data=replace(cfg.data, dedup_tasks=("digits",)),
         ingest=replace(cfg.ingest, limit_per_class=30, shard_max_samples=64),
         model=ViTConfig.from_name("mu/4", img_size=32, num_classes=10),
-        pretrain=replace(cfg.pretrain, steps=6, global_batch=32, micro_batch=16, warmup_steps=2, checkpoint_every=3,
+        # the demo's optimiser settings of when tests/assets/losses/tiny_cpu.json was recorded (clipping on)
+        pretrain=replace(cfg.pretrain, steps=6, global_batch=32, micro_batch=16, warmup_steps=2, lr=8e-4,
+                         weight_decay=0.1, grad_clip=1.0, checkpoint_every=3,
                          log_every=2, stream=replace(cfg.pretrain.stream, shuffle_buffer=64),
                          evals=TrainEvalConfig(tasks=("digits",), every=3, shots=(1, 5), seeds=(0, 1), test_limit=100)),
         fewshot=replace(cfg.fewshot, tasks=(DEMO_TASKS[0], "digits", DEMO_TASKS[3]),
@@ -212,10 +225,13 @@ def scaling_demo() -> PipelineConfig:
     return replace(
         cfg, name="scaling-demo",
         stages=("ingest", "dedup", "pretrain", "fewshot", "report"),
-        # A fixed step budget for every point: the small subsets are seen for several epochs (crop scale from 0.5).
-        # No in-training curves and only the few-shot probe on CIFAR-10's test split: nine points fit an hour.
+        # A fixed step budget for every point: the small subsets are seen for several epochs (Inception crop with
+        # scale from 0.5, (u - 0.5) / 0.5 inputs, the original init: the setting the README's grid was measured
+        # with). No in-training curves and only the few-shot probe on CIFAR-10's test split: nine points in 47 min.
+        model=replace(cfg.model, init="jax"),
         pretrain=replace(cfg.pretrain, steps=300, checkpoint_every=150,
-                         stream=replace(cfg.pretrain.stream, rrc_scale=(0.5, 1.0)),
+                         stream=replace(cfg.pretrain.stream, crop="rrc", rrc_scale=(0.5, 1.0), mean=(0.5, 0.5, 0.5),
+                                        std=(0.5, 0.5, 0.5)),
                          evals=replace(cfg.pretrain.evals, tasks=())),
         fewshot=replace(cfg.fewshot, tasks=("cifar10=../shared/data/cifar10",), random_init_baseline=False,
                         evaluators=("fewshot",), validation_evaluators=(), out_of_domain=()),

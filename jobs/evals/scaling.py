@@ -188,7 +188,7 @@ def figure_compute(rows: list[dict[str, Any]], path: str) -> str | None:
                        color=colors[r["model"]], s=42, edgecolor="black", linewidth=0.5,
                        label=f"{r['family']} {r['model']}" if key not in seen else None)
             seen.add(key)
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_xlabel("total pretraining compute [exaFLOPs]")
         ax.set_ylabel("accuracy [%]")
         ax.set_title(_title(col))
@@ -199,6 +199,31 @@ def figure_compute(rows: list[dict[str, Any]], path: str) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _log_x(ax) -> None:
+    """Log x axis labelled at 1, 2, 5 x 10^k inside the data's range (matplotlib's own minor labels overprint
+    when the range is about a decade)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in LogLocator(subs=(1.0, 2.0, 5.0)).tick_values(lo, hi) if lo <= t <= hi]
+    if len(ticks) > 6:  # several decades: powers of ten are enough
+        ticks = [t for t in ticks if math.isclose(math.log10(t), round(math.log10(t)))] or ticks
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(_tick_label))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _tick_label(v: float, _pos=None) -> str:
+    if 1e3 <= v < 1e7:
+        return f"{v / 1e3:g}k"
+    if 1 <= v < 1e3:
+        return f"{v:g}"
+    e = math.floor(math.log10(v))
+    m = round(v / 10 ** e, 3)
+    return f"$10^{{{e}}}$" if m == 1 else f"${m:g}\\times10^{{{e}}}$"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -235,8 +260,8 @@ def figure_data(rows: list[dict[str, Any]], path: str) -> str | None:
             family = rows[[r["model"] for r in rows].index(m)]["family"]
             ax.errorbar(xs, ys, yerr=es, marker=FAMILY_MARKERS.get(family, "s"), color=colors[m], capsize=3,
                         label=m)
-        ax.set_xscale("log")
-        ax.set_xlabel("pretraining images")
+        _log_x(ax)
+        ax.set_xlabel("pretraining data size [images]")
         ax.set_ylabel("accuracy [%]")
         ax.set_title(_title(col))
         ax.grid(True, which="both", alpha=0.3)

@@ -134,7 +134,10 @@ def _sweep_tracker(sw: Sweep, tracking_uri: str | None) -> Tracker:
                                   tags={"vitpipe.sweep_id": sw.sweep_id, "vitpipe.recipe": sw.recipe,
                                         "vitpipe.kind": "sweep"}, artifact_location=artifacts)
     tracker.params({"sweep.points": len(sw.points), "sweep.recipe": sw.recipe,
-                    **{f"sweep.axis.{'+'.join(a.keys)}": " | ".join(",".join(v) for v in a.values) for a in sw.axes},
+                    # one param per key (MLflow keys cannot hold '+'); keys that move together share an axis
+                    "sweep.axes": " x ".join("+".join(a.keys) for a in sw.axes),
+                    **{f"sweep.axis.{k}": ",".join(v[j] for v in a.values)
+                       for a in sw.axes for j, k in enumerate(a.keys)},
                     **{f"sweep.set.{i}": s for i, s in enumerate(sw.sets)}})
     return tracker
 

@@ -191,9 +191,12 @@ def full_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
 
 
 def export_consolidated(engine: Any, model_cfg: Any, out_url: str, rank: int, extra: dict | None = None,
-                        vit: Any = None, prefix: str = "") -> None:
+                        vit: Any = None, prefix: str = "", normalisation: tuple | None = None) -> None:
     """Write ``model.pt`` (fp32 state_dict of the ViT) and ``model.json`` (ViTConfig + grid + prefix tokens) from
-    rank 0. With an objective wrapper (MPP), ``prefix`` selects the encoder's entries and ``vit`` is the encoder."""
+    rank 0. With an objective wrapper (MPP), ``prefix`` selects the encoder's entries and ``vit`` is the encoder.
+    ``normalisation``: the (mean, std) the model trained on; other than 0.5 it is folded into the patch embedding
+    (``vitpipe.models.normalisation``) so the exported model takes every consumer's (u - 0.5) / 0.5, and recorded
+    in model.json as ``input_normalisation``."""
     sd = full_fp32_state_dict(engine)
     if rank != 0:
         return
@@ -201,7 +204,24 @@ def export_consolidated(engine: Any, model_cfg: Any, out_url: str, rank: int, ex
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     meta = {"config": model_cfg.to_dict(), "grid_size": list(vit.grid_size),
             "num_prefix_tokens": vit.num_prefix_tokens, **(extra or {})}
+    sd, folded = fold_for_export(sd, normalisation)
+    if folded:
+        meta["input_normalisation"] = folded
     write_consolidated(sd, meta, out_url)
+
+
+def fold_for_export(sd: dict[str, torch.Tensor], normalisation: tuple | None) -> tuple[dict, dict | None]:
+    """``sd`` rewritten to take (u - 0.5) / 0.5 inputs when it trained on another ``normalisation`` (mean, std),
+    and the record of it (None: nothing to fold)."""
+    from vitpipe.models import fold_input_normalisation, is_default_normalisation
+    from vitpipe.models.normalisation import DEFAULT_MEAN, DEFAULT_STD
+
+    if normalisation is None or is_default_normalisation(*normalisation):
+        return sd, None
+    mean, std = (list(map(float, v)) for v in normalisation)
+    return fold_input_normalisation(sd, mean, std), {
+        "trained_on": {"mean": mean, "std": std},
+        "folded_to": {"mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}}
 
 
 def write_consolidated(state_dict: dict[str, torch.Tensor], meta: dict, out_url: str) -> None:

@@ -296,7 +296,7 @@ class InTrainingEval(TrainerCallback):
         if self.rank != 0:
             return
         with torch.random.fork_rng(devices=[]), _threads(self.cfg.threads):
-            self._load(sd, trainer.mcfg)
+            self._load(sd, trainer.mcfg, getattr(trainer, "input_normalisation", None))
             metrics = evaluate(self.models, self.banks, self.cfg, trainer.device)
         seconds = time.perf_counter() - t0
         if step > 0 and self.train_t0:
@@ -328,9 +328,11 @@ class InTrainingEval(TrainerCallback):
             return None
         return trainer.vit.state_dict()  # ZeRO 0-2: full parameters on every rank, updated in place
 
-    def _load(self, sd: dict[str, torch.Tensor], mcfg: Any) -> None:
+    def _load(self, sd: dict[str, torch.Tensor], mcfg: Any, normalisation: tuple | None = None) -> None:
+        from vitpipe.jobs.train.checkpoint import fold_for_export
         from vitpipe.models import load_pretrained
 
+        sd, _ = fold_for_export(sd, normalisation)  # evaluated as it will be exported: on (u - 0.5) / 0.5 images
         native = int(mcfg.img_hw[0])
         for size, model in self.models.items():
             if size == native:

@@ -96,6 +96,8 @@ class Trainer:
         # a mix carries its exclusions and subsets per source (PretrainSpec.sources); one manifest in the stream config
         scfg = dataclasses.replace(p.resolved_stream(), batch_size=p.micro_batch, seed=p.seed,
                                    exclude=None if spec.sources else spec.exclude_url or p.stream.exclude)
+        # the exported model (and in-training evals) fold this into the patch embedding: consumers feed 0.5/0.5
+        self.input_normalisation = (tuple(scfg.mean), tuple(scfg.std))
         self.mix = p.resolved_mix()
         self.soft_targets = self.mix.mixing or self.mix.label_smoothing > 0
         self.stream = stream if stream is not None else ShardStream(list(spec.sources) or spec.manifest_url, scfg,
@@ -243,7 +245,7 @@ class Trainer:
         """Every rank joins in gathering the full fp32 weights; rank 0 writes ``model.pt`` + ``model.json``."""
         ckpt.export_consolidated(self.engine, self.mcfg, self.spec.out_url, self.rank,
                                  extra={"steps": self.state.step, "objective": self.p.objective}, vit=self.vit,
-                                 prefix="vit." if self.mpp else "")
+                                 prefix="vit." if self.mpp else "", normalisation=self.input_normalisation)
         # samples per source over all ranks (collective: every rank has every source name, in the same order)
         per_source = {f"train/data/source_samples/{name}": sum(gather_floats(n))
                       for name, n in self.stream.stats.get("source_samples", {}).items()}

@@ -88,6 +88,42 @@ def test_verdict_needs_ray_and_the_store_to_agree(tmp_path):
     assert cluster_status.judge(_details("SUCCEEDED", "r1", tmp_path), rec).ok
 
 
+def _sweep_details(status: str, sweep_id: str, store: Path, message: str = "") -> JobDetails:
+    return JobDetails(type="SUBMISSION", job_id="03000000", submission_id=f"vitpipe-{sweep_id}", entrypoint="x",
+                      status=JobStatus(status), message=message, start_time=1_700_000_000_000,
+                      metadata={"vitpipe.sweep_id": sweep_id, "vitpipe.store": str(store), "vitpipe.recipe": "tiny"})
+
+
+def test_a_submitted_sweep_is_judged_by_its_sweep_record_and_a_stop_closes_it(tmp_path):
+    from vitpipe.jobs.run.sweep import load_sweep, new_sweep
+
+    cfg = apply_overrides(get_recipe("tiny"), [f"store={tmp_path}"])
+    sw = new_sweep("tiny", cfg, ["ingest.limit_per_class=4,6"])
+    # Ray says SUCCEEDED before the driver wrote sweep.json: not a success (there is no run.json to look for).
+    rep = cluster_status.judge(_sweep_details("SUCCEEDED", sw.sweep_id, tmp_path),
+                               cluster_status._sweep_record(str(tmp_path), sw.sweep_id))
+    assert rep.verdict == "FAILED" and "no sweep record (sweep.json)" in rep.reason and rep.kind == "sweep"
+    sw.status, sw.points[0].status, sw.points[1].status = "FINISHED", "FINISHED", "FINISHED"
+    sw.save()
+    rep = cluster_status.judge(_sweep_details("SUCCEEDED", sw.sweep_id, tmp_path),
+                               cluster_status._sweep_record(str(tmp_path), sw.sweep_id))
+    assert rep.ok and rep.run_id == sw.sweep_id and rep.stages == {"[0]": "done", "[1]": "done"}
+    sw.status, sw.points[1].status = "FAILED", "FAILED"
+    sw.save()
+    rep = cluster_status.judge(_sweep_details("FAILED", sw.sweep_id, tmp_path, "exit code 1"),
+                               cluster_status._sweep_record(str(tmp_path), sw.sweep_id))
+    assert rep.verdict == "FAILED" and rep.reason == "points failed: [1]" and rep.stages["[1]"] == "failed"
+    # stopped mid-point: sweep.json and the running point are closed (not left RUNNING); --resume reruns it
+    sw.status, sw.points[1].status = "RUNNING", "RUNNING"
+    sw.save()
+    rep = cluster_status.judge(_sweep_details("STOPPED", sw.sweep_id, tmp_path),
+                               cluster_status._sweep_record(str(tmp_path), sw.sweep_id))
+    cluster_status.reconcile_stopped(rep)
+    again = load_sweep(str(tmp_path), sw.sweep_id)
+    assert again.status == "STOPPED" and [p.status for p in again.points] == ["FINISHED", "KILLED"]
+    assert rep.run_status == "STOPPED"
+
+
 def test_failed_job_reason_is_the_root_cause_line(tmp_path):
     cfg = apply_overrides(get_recipe("tiny"), [f"store={tmp_path}"])
     stages = list(cfg.stages)

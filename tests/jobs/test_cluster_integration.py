@@ -1,7 +1,8 @@
 """Cluster operations against a real loopback Ray head and a real MLflow server (started by the fixtures here):
 submit tiny -> SUCCEEDED with MLflow parent/child runs; rerun one stage under the same parent; stop a running job
 (runs end KILLED, never RUNNING) and resume it from its checkpoint; a failing job and a job that can never be
-scheduled are reported with their causes; secrets never leave the submitter."""
+scheduled are reported with their causes; a sweep submitted with --address runs there; secrets never leave the
+submitter."""
 
 from __future__ import annotations
 
@@ -116,6 +117,30 @@ def test_stop_marks_runs_killed_and_resume_continues_from_the_checkpoint(svc):
     assert len(resumed) == 1
     steps = [m.step for m in mlc.get_metric_history(resumed[0].info.run_id, "train/loss")]
     assert steps and min(steps) > 25 and max(steps) >= 275, steps  # restored from a checkpoint, not step 0
+
+
+def test_sweep_submitted_with_address_runs_its_points_on_the_cluster(svc, tmp_path):
+    from vitpipe.jobs.run.sweep import load_sweep
+
+    store = tmp_path / "sweep-store"
+    res = svc.cli("sweep", "tiny", "--store", str(store), "--grid", "ingest.limit_per_class=4,6",
+                  "--set", f"data.root={svcmod.CIFAR10}", "--set", "stages=ingest", "--address", svc.head.dashboard)
+    assert res.returncode == 0, res.stdout + res.stderr
+    job = svcmod.job_id_from(res.stdout)
+    sweep_id = job.removeprefix("vitpipe-")
+    assert f"vitpipe sweep --resume {sweep_id} --store {store} --address {svc.head.dashboard}" in res.stdout
+    st = svc.cli("status", job, "--wait", timeout=600)
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert f"job {job}: SUCCEEDED (Ray: SUCCEEDED, sweep.json: FINISHED)" in st.stdout
+    assert "points: [0]=done, [1]=done" in st.stdout
+    sw = load_sweep(str(store), sweep_id)
+    assert [p.status for p in sw.points] == ["FINISHED", "FINISHED"]
+    # tracked on the cluster's MLflow server (the submitter's MLFLOW_TRACKING_URI), points nested under the sweep
+    client = _mlflow(svc)
+    assert client.get_run(sw.mlflow_run_id).info.status == "FINISHED"
+    kids = svcmod.mlflow_children(svc.mlflow.url, sw.mlflow_run_id)
+    assert sorted(k.data.params["sweep.ingest.limit_per_class"] for k in kids) == ["4", "6"]
+    assert all(k.info.status == "FINISHED" for k in kids)
 
 
 def test_failing_job_reports_its_cause(svc, tmp_path):

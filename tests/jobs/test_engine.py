@@ -118,3 +118,38 @@ def test_attention_backend_is_observed_not_assumed():
     """On CPU in fp32 torch's SDPA runs its CPU flash kernel; with a mask-free model it is the only kernel."""
     vit = create(MODEL)
     assert attention_backend(vit, torch.float32, torch.device("cpu")) == "flash (CPU)"
+
+
+def test_export_folds_the_stream_normalisation_into_the_patch_embedding(process_group, tmp_path):
+    """A run trained on dataset statistics exports a model that takes (u - 0.5) / 0.5, as every consumer feeds it,
+    and computes what the trained weights compute on the statistics-normalised image; model.json says so."""
+    import json
+
+    from vitpipe.jobs.train.consolidated import load_model
+    from vitpipe.jobs.train.spec import PretrainSpec
+    from vitpipe.jobs.train.synthetic import SyntheticStream
+    from vitpipe.jobs.train.trainer import Trainer
+    from vitpipe.pipeline import StreamConfig
+
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    mcfg = ViTConfig.from_name("mu/4", img_size=16, num_classes=10)
+    p = PretrainConfig(steps=2, global_batch=4, micro_batch=4, zero_stage=2, precision="fp32", warmup_steps=1,
+                       num_workers=1, stream=StreamConfig(img_size=16, mean=mean, std=std))
+    spec = PretrainSpec(model=mcfg, pretrain=p, manifest_url="", out_url=str(tmp_path))
+    t = Trainer(spec, rank=0, world=1, device=torch.device("cpu"),
+                stream=SyntheticStream(batch=4, img_size=16, num_classes=10, rank=0, fixed=True))
+    try:
+        t.step()
+        t.export()
+        model, _ = load_model(str(tmp_path))
+        u = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        vit = t.vit.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval().pre_logits((u - 0.5) / 0.5), vit.pre_logits((u - m) / s),
+                                       atol=2e-5, rtol=1e-5)
+    finally:
+        t.close()
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["input_normalisation"] == {"trained_on": {"mean": list(mean), "std": list(std)},
+                                           "folded_to": {"mean": [0.5] * 3, "std": [0.5] * 3}}

@@ -30,10 +30,11 @@ from vitpipe.jobs.train.trainer import Trainer
 REFERENCE = Path(__file__).resolve().parents[1] / "assets" / "losses" / "tiny_cpu.json"
 # The run: the tiny recipe's model and pretraining (ZeRO-2, fp32, AdamW, clipping, warmup + linear decay, global
 # batch 32 from two micro-batches of 16) on one rank, 12 steps, a loss logged every step.
-# The augmentation is pinned (no crop, the recipes' setting when the file was written) so a recipe's choice of crop
-# does not move the reference; the crop code itself is tested in tests/pipeline.
+# The input pipeline is pinned (no crop, (u - 0.5) / 0.5: the recipes' setting when the file was written) so a
+# recipe's choice of crop or normalisation does not move the reference; that code is tested in tests/pipeline.
 OVERRIDES = ["pretrain.steps=12", "pretrain.log_every=1", "pretrain.num_workers=1", "pretrain.checkpoint_every=1000",
-             "pretrain.stream.rrc_scale=[1.0,1.0]"]
+             "pretrain.stream.rrc_scale=[1.0,1.0]", "pretrain.stream.crop=rrc", "pretrain.stream.mean=[0.5,0.5,0.5]",
+             "pretrain.stream.std=[0.5,0.5,0.5]"]
 # Float32 on CPU. Measured when the file was written (AMD EPYC): the same machine reproduces the losses exactly;
 # ZeRO-0/1/3 instead of 2, or one micro-batch of 32 instead of two of 16, stay within 5e-7; the learning rate 1% off
 # moves them by 6e-4, no gradient clipping by 2e-3. Other CPUs may shift them a little (GEMM blocking): the

@@ -188,7 +188,7 @@ def test_tiny_grid_nests_shares_fails_one_point_and_resumes(tmp_path, cifar10_ro
             "fewshot.evaluators=fewshot", "fewshot.validation_evaluators=[]", "pretrain.evals.tasks=[]",
             "tracking.register_model=false", "pretrain.steps=2", "pretrain.checkpoint_every=2",
             "pretrain.log_every=1", "ingest.limit_per_class=20"]
-    grid = ["model.depth=1,2", "data.limit=100,200"]
+    grid = ["model.depth=1,2", "+model.mlp_dim=64,96", "data.limit=100,200"]  # an axis of two keys
     sw = new_sweep("tiny", build_config("tiny", sets, store.root), grid, sets)
     # The broken point: its pretrain folder is taken by a file, so the stage cannot write there.
     broken = sw.points[3]
@@ -205,6 +205,9 @@ def test_tiny_grid_nests_shares_fails_one_point_and_resumes(tmp_path, cifar10_ro
     client = MlflowClient(mlflow_uri)
     sweep_run = client.get_run(sw.mlflow_run_id)
     assert sweep_run.info.status == "FAILED" and sweep_run.data.tags["failed_points"] == "3"
+    assert sweep_run.data.params["sweep.axes"] == "model.depth+model.mlp_dim x data.limit"
+    assert (sweep_run.data.params["sweep.axis.model.depth"], sweep_run.data.params["sweep.axis.model.mlp_dim"]) == (
+        "1,2", "64,96")
     exp = [sweep_run.info.experiment_id]
 
     def children(run_id):
@@ -233,7 +236,7 @@ def test_tiny_grid_nests_shares_fails_one_point_and_resumes(tmp_path, cifar10_ro
     assert {"points.csv", "points.md", "sweep_report.md"} <= arts
     assert figs == {"figures/compute_vs_transfer.png", "figures/data_vs_accuracy.png"}
     report = open(sw.report["sweep_report.md"]).read()
-    assert "- [3] model.depth=2 data.limit=200: FAILED" in report
+    assert "- [3] model.depth=2 model.mlp_dim=96 data.limit=200: FAILED" in report
     assert f"vitpipe sweep --resume {sw.sweep_id} --store {store.root}" in report
     table = list(csv.DictReader(open(sw.report["points.csv"])))
     m = apply_coords(sw.base, sw.points[0].coords).model

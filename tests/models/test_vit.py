@@ -106,6 +106,29 @@ def test_init_matches_original_code():
     assert torch.equal(blk.norm1.weight, torch.ones(D)) and blk.norm1.eps == 1e-6
 
 
+def test_torch_init_is_the_layers_own_defaults():
+    """init="torch": the layers' PyTorch defaults (a bare loop's model), not the original code's, from the seed."""
+    cfg = ViTConfig.from_name("mu/4", img_size=16, num_classes=10, init="torch")
+    torch.manual_seed(0)
+    model = create(cfg)
+    D = cfg.width
+    blk = model.blocks[0]
+    bound = 1 / math.sqrt(D)  # kaiming_uniform(a=sqrt(5)) on fan_in D: U(-1/sqrt(D), 1/sqrt(D))
+    assert blk.attn.qkv.weight.abs().max() <= bound and blk.attn.qkv.weight.abs().max() > 0.98 * bound
+    assert blk.mlp.fc1.bias.abs().max() > 1e-3  # uniform biases, not the original code's N(0, 1e-6)
+    assert torch.count_nonzero(model.head.weight) > 0 and torch.count_nonzero(model.cls_token) == 0
+    assert model.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
+    # differs from the original-code init, and is reproducible from the seed
+    torch.manual_seed(0)
+    jax = create(ViTConfig.from_name("mu/4", img_size=16, num_classes=10))
+    assert not torch.equal(jax.blocks[0].attn.qkv.weight, blk.attn.qkv.weight)
+    torch.manual_seed(0)
+    again = create(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ValueError, match="ViTConfig.init must be 'jax' or 'torch'"):
+        ViTConfig.from_name("mu/4", init="xavier")
+
+
 @pytest.mark.parametrize("gelu, approximate", [("tanh", "tanh"), ("exact", "none")])
 def test_gelu_choice(gelu, approximate):
     model = create("mu/4", img_size=16, gelu=gelu)

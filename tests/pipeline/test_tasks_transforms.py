@@ -107,3 +107,29 @@ def test_simplejpeg_path_matches_pil_and_rejects_corrupt_data(cifar_dir, hymenop
     big = max(datas, key=len)
     with pytest.raises((OSError, ValueError)):
         T.ImageTransform(64, train=False).to_uint8(big[: len(big) // 2])
+
+
+def test_pad_crop_is_torch_reflect_pad_then_a_window_and_reproducible(cifar_dir):
+    """The "pad" crop equals an independent reference: torch's reflect padding of the eval view, the window at the
+    offsets the sample's RNG draws (row, column), then the flip it draws; the same seed gives the same image."""
+    import torch.nn.functional as F
+
+    data = next(iter(sorted(cifar_dir.rglob("*.jpg")))).read_bytes()
+    tf = ImageTransform(img_size=32, train=True, crop="pad", pad_px=4, mean=(0, 0, 0), std=(1, 1, 1))
+    view = ImageTransform(img_size=32, train=False).to_uint8(data)
+    seen = set()
+    for seed in range(40):
+        got = tf.to_uint8(data, seed)
+        rng = SplitMix64(seed)
+        i, j = int(rng.random() * 9), int(rng.random() * 9)
+        flip = rng.random() < 0.5
+        padded = F.pad(torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)[None].float(), (4, 4, 4, 4),
+                       mode="reflect")[0]
+        want = padded[:, i:i + 32, j:j + 32].permute(1, 2, 0).numpy().astype(np.uint8)
+        want = want[:, ::-1] if flip else want
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(tf.to_uint8(data, seed), got)  # deterministic from the sample's seed
+        seen.add((i, j, flip))
+    assert len(seen) > 20  # offsets and flips do vary across samples
+    with pytest.raises(ValueError, match="crop must be 'rrc' or 'pad'"):
+        ImageTransform(img_size=32, train=True, crop="pad", pad_px=32)

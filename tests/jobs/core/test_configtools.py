@@ -76,6 +76,15 @@ def test_pipeline_config_overrides_reach_component_configs():
         apply_overrides(get_recipe("demo"), ["pretrain.zero_stage=5"])
 
 
+def test_dataset_normalisation_needs_a_plain_patch_embedding():
+    from vitpipe.jobs.config.recipes import get_recipe
+
+    cfg = apply_overrides(get_recipe("demo"), ["pretrain.stream.mean=0.49,0.48,0.45", "model.init=torch"])
+    assert cfg.pretrain.stream.mean == (0.49, 0.48, 0.45) and cfg.model.init == "torch"
+    with pytest.raises(ConfigError, match="hybrid ResNet stem cannot take exactly"):
+        apply_overrides(get_recipe("demo"), ["pretrain.stream.mean=0.49,0.48,0.45", "model=R50+B/16"])
+
+
 def test_secrets_are_redacted_but_not_lookalikes():
     from vitpipe.jobs.core.tracking import flatten, redact_tree
 
