@@ -154,8 +154,14 @@ def pad_crop(arr: np.ndarray, pad: int, rng) -> np.ndarray:
     i = min(int(rng.random() * n), n - 1)
     j = min(int(rng.random() * n), n - 1)
     h, w = arr.shape[:2]
-    padded = np.pad(arr, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    return np.ascontiguousarray(padded[i:i + h, j:j + w])
+    # the window's rows and columns in the unpadded image, reflected at the edges: no padded copy is made
+    return arr[_reflect(np.arange(i - pad, i - pad + h), h)][:, _reflect(np.arange(j - pad, j - pad + w), w)]
+
+
+def _reflect(idx: np.ndarray, n: int) -> np.ndarray:
+    """Indices outside 0..n-1 reflected back ("reflect" padding: the edge pixel is not repeated; |shift| < n)."""
+    idx = np.abs(idx)
+    return np.where(idx >= n, 2 * (n - 1) - idx, idx)
 
 
 class ImageTransform:

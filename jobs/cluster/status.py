@@ -227,10 +227,15 @@ def _reconcile_run(store: str | None, run_id: str | None, job_id: str, ray_statu
 def _tracking_uri(record: dict) -> str | None:
     uri = (os.environ.get("MLFLOW_TRACKING_URI") or recorded_tracking_uri(record)
            or record["config"]["tracking"].get("uri"))
-    store = record["config"]["store"]
-    if not uri and local_path(store) and os.path.exists(os.path.join(local_path(store), "mlflow.db")):
-        uri = f"sqlite:///{os.path.join(local_path(store), 'mlflow.db')}"  # the runner's default
-    return uri
+    return uri or _store_sqlite_uri(record["config"]["store"])
+
+
+def _store_sqlite_uri(store: str) -> str | None:
+    """The runner's default tracking URI for ``store`` (its sqlite file), where the file exists."""
+    path = local_path(store)
+    if path and os.path.exists(os.path.join(path, "mlflow.db")):
+        return f"sqlite:///{os.path.join(path, 'mlflow.db')}"
+    return None
 
 
 def _reconcile_sweep(rep: JobReport) -> None:
@@ -249,9 +254,7 @@ def _reconcile_sweep(rep: JobReport) -> None:
     sw.status = "STOPPED" if rep.ray_status == "STOPPED" else "FAILED"
     sw.save()
     rep.run_status = sw.status
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or sw.tracking_uri or sw.base.tracking.uri
-    store = local_path(sw.store.root)
-    if not uri and store and os.path.exists(os.path.join(store, "mlflow.db")):
-        uri = f"sqlite:///{os.path.join(store, 'mlflow.db')}"
+    uri = (os.environ.get("MLFLOW_TRACKING_URI") or sw.tracking_uri or sw.base.tracking.uri
+           or _store_sqlite_uri(sw.store.root))
     if uri and sw.mlflow_run_id and "***" not in uri:
         close_mlflow_runs(uri, sw.mlflow_run_id, "KILLED" if rep.ray_status == "STOPPED" else "FAILED")
