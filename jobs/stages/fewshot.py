@@ -53,7 +53,11 @@ class FewshotStageConfig:
     """Evaluators run on each task's validation view (``<task>.val``: held-out slice of train; the numbers to
     compare recipes by); empty: no validation view. The linear probe's own held-out ``val_acc`` is one too."""
     baseline_evaluators: tuple[str, ...] = ("fewshot",)
-    """Evaluators of the random-init baseline (on both views, as far as the lists above have them)."""
+    """Evaluators of the random-init baseline (on the views ``baseline_views`` names, as far as the lists above
+    have them)."""
+    baseline_views: str = "both"
+    """Where the random-init baseline is probed: ``both`` (test splits and validation views) or ``validation``
+    (validation views only: where pretraining is compared with it, the transfer score included; half its cost)."""
     knn: KnnConfig = field(default_factory=KnnConfig)
     """Weighted kNN probe (DINO): k, temperature, limits."""
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
@@ -72,6 +76,8 @@ class FewshotStageConfig:
         check_evaluators(self.evaluators, "fewshot.evaluators")
         check_evaluators(self.validation_evaluators, "fewshot.validation_evaluators")
         check_evaluators(self.baseline_evaluators, "fewshot.baseline_evaluators")
+        if self.baseline_views not in ("both", "validation"):
+            raise ValueError(f"fewshot.baseline_views must be 'both' or 'validation', got {self.baseline_views!r}")
         if self.validation_fraction is not None and not 0 < self.validation_fraction < 1:
             raise ValueError(f"fewshot.validation_fraction must be in (0, 1) or none, got {self.validation_fraction}")
         if self.out_of_domain and "fewshot" not in self.validation_evaluators:
@@ -82,7 +88,8 @@ class FewshotStageConfig:
         """``((type, config), ...)`` for the test split and for the validation view."""
         confs = {"fewshot": self.probe, "knn": self.knn, "linear": self.linear}
         keep = (lambda t: t in self.baseline_evaluators) if baseline else (lambda t: True)
-        return (tuple((t, confs[t]) for t in self.evaluators if keep(t)),
+        on_test = not baseline or self.baseline_views == "both"
+        return (tuple((t, confs[t]) for t in self.evaluators if keep(t) and on_test),
                 tuple((t, confs[t]) for t in self.validation_evaluators if keep(t)))
 
 

@@ -90,6 +90,13 @@ def test_stage_config_checks_and_lists():
     fc = FewshotStageConfig(baseline_evaluators=("fewshot", "knn"), validation_evaluators=("fewshot",))
     test, val = fc.evaluator_lists(baseline=True)
     assert [t for t, _ in test] == ["fewshot", "knn"] and [t for t, _ in val] == ["fewshot"]
+    # validation views only: the baseline's test lists are empty, the pretrained model's are untouched
+    fv = FewshotStageConfig(baseline_evaluators=("fewshot", "knn"), validation_evaluators=("fewshot",),
+                            baseline_views="validation")
+    assert fv.evaluator_lists(baseline=True) == ((), val)
+    assert fv.evaluator_lists(baseline=False) == fc.evaluator_lists(baseline=False)
+    with pytest.raises(ValueError, match="^fewshot.baseline_views must be 'both' or 'validation', got 'test'"):
+        FewshotStageConfig(baseline_views="test")
     with pytest.raises(ValueError, match="^fewshot.evaluators has unknown evaluator 'svm'"):
         FewshotStageConfig(evaluators=("svm",))
     with pytest.raises(ValueError, match="fewshot.out_of_domain needs 'fewshot' in fewshot.validation_evaluators"):

@@ -215,19 +215,17 @@ def _invoke(args: list[str]):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_piped_run_prints_plan_progress_summary_and_log_path_only(ray_local, cifar10_root, out_store, monkeypatch):
-
-
-    monkeypatch.setenv(view_mod.EVERY_ENV, "0")  # every progress update as a line: all of them are checked
-    res = _invoke(["run", "tiny", "--store", str(out_store), *TINY])
+def test_piped_run_prints_plan_progress_summary_and_log_path_only(tiny_run):
+    # the session's shared tiny run (tests/jobs/conftest.py): `vitpipe run tiny` piped, every update a line
+    res = tiny_run
     out = res.output
-    assert res.exit_code == 0, out
+    assert res.exit_code == 0, f"{out}\n{res.exception!r}"
     assert "\r" not in out
     for mark in NOISE_MARKS:
         assert mark not in out, f"noise on the console: {mark!r}\n{out}"
     lines = out.splitlines()
     assert "Stage plan" in lines[0]
-    for stage in ("ingest", "pretrain", "fewshot", "finetune", "report"):
+    for stage in ("ingest", "dedup", "pretrain", "fewshot", "finetune", "analysis", "report"):
         assert any(ln.startswith(f"▶ {stage} (key ") for ln in lines), stage
         assert any(ln.startswith(f"✓ {stage} done in ") for ln in lines), stage
     assert any(re.fullmatch(r"  fewshot  [\d,]+ images  \S+ (pretrained|random_init) (train|test) · \d+ img/s", ln)
@@ -236,8 +234,7 @@ def test_piped_run_prints_plan_progress_summary_and_log_path_only(ray_local, cif
     # fed from rank 0 (see jobs/stages/pretrain.py), not worker log lines
     assert any(re.fullmatch(r"  pretrain  6/6 steps \(100%\)  loss \d\.\d{3} · \d+ img/s", ln) for ln in lines), out
     assert "# vitpipe report" in out and re.search(r"run \S+ — FINISHED in \d+s", out)
-    run_dir = next((out_store / "runs").iterdir())
-    log_path = run_dir / "run.log"
+    log_path = res.run_dir / "run.log"
     assert lines.count(f"log: {log_path}") == 2  # when the run starts, and with the summary
     text = log_path.read_text()
     assert "\r" not in text and "\x1b[" not in text

@@ -10,10 +10,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from vitpipe.jobs.stages import stages_for
-from vitpipe.jobs.config import resolve_paths
+from vitpipe.jobs.config import build_config, resolve_paths
 from vitpipe.jobs.core.configtools import apply_overrides
 from vitpipe.jobs.config.recipes import get_recipe
-from vitpipe.jobs.run.runner import run_pipeline
+from vitpipe.jobs.run.runner import RunSummary, run_pipeline
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,9 +32,14 @@ def _children(client, parent_id):
     return {r.data.tags["vitpipe.stage"]: r for r in runs if "vitpipe.stage" in r.data.tags}
 
 
-def test_tiny_pipeline_runs_caches_and_reruns_one_stage(tmp_path, cifar10_root, ray_local, mlflow_uri):
-    cfg = _cfg(tmp_path, cifar10_root)
-    first = run_pipeline(cfg, stages_for(cfg), tracking_uri=mlflow_uri, progress=False)
+def test_tiny_pipeline_runs_caches_and_reruns_one_stage(tiny_run, cifar10_root):
+    # the session's shared tiny run (tests/jobs/conftest.py: `vitpipe run tiny` through the CLI, every stage)
+    assert tiny_run.exit_code == 0, f"{tiny_run.output}\n{tiny_run.exception!r}"
+    rec, store = tiny_run.record, str(tiny_run.store)
+    first = RunSummary(run_id=rec["run_id"], status=rec["status"], results=tiny_run.results,
+                       statuses={s: v["status"] for s, v in rec["stages"].items()}, mlflow_run_id=rec["mlflow_run_id"])
+    mlflow_uri = rec["tracking_uri"]
+    cfg = build_config("tiny", tiny_run.sets, store)  # as the CLI built it: the reruns below key the same
     assert first.status == "FINISHED"
     assert set(first.statuses.values()) == {"ran"}
 
@@ -96,7 +101,7 @@ def test_tiny_pipeline_runs_caches_and_reruns_one_stage(tmp_path, cifar10_root, 
 
     # A fine-tune override reruns only fine-tune and what reads it; an LR grid is searched on a held-out slice of
     # train, each grid point a nested MLflow run under the fine-tune stage's run.
-    cfg3 = _cfg(tmp_path, cifar10_root, "finetune.lr_grid=0.003,0.03", "finetune.grid_steps=2")
+    cfg3 = build_config("tiny", [*tiny_run.sets, "finetune.lr_grid=0.003,0.03", "finetune.grid_steps=2"], store)
     third = run_pipeline(cfg3, stages_for(cfg3), tracking_uri=mlflow_uri, progress=False)
     ran = {s for s, v in third.statuses.items() if v == "ran"}
     assert ran == {"finetune", "analysis", "report"}
