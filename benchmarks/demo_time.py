@@ -8,7 +8,8 @@ total, next to a bare-loop throughput measured in the same run, so the figure co
 The bare loop is the yardstick's own model and step (``../shared/tools/bare_loop_baseline.py``: one process, 2
 threads, the 6-block width-192 patch-4 ViT, batch 128, AdamW) on synthetic pre-decoded 32 px images, timed for
 ``--bare-seconds`` before the demo starts. Printed besides the stage table: where pretraining's time went (Ray
-start, worker group start up to the first step, training, export + shutdown; from the stage's ``timing`` info),
+start, worker group start up to the first step with its parts, training, export + shutdown; from the stage's
+``timing`` info), the whole run scaled to a machine whose bare loop trains 85 img/s (an estimate),
 pretraining throughput against the bare loop, the machine's load average before and after, and which torch
 extensions were built during the run (the issue's fresh-machine cost: none should be). The last line is the
 figure: ``demo_time: total <s> s ...``.
@@ -116,7 +117,15 @@ def report(record: dict, wall: float, bare: float, load0: tuple, load1: tuple, e
     pre = stages.get("pretrain", {}).get("info", {}).get("timing", {})
     cfg = record.get("config", {}).get("pretrain", {})
     if pre:
-        parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in pre.items())
+        # in the order they happen (run.json sorts keys); the worker start's parts in brackets after it
+        def fmt(keys: list[str]) -> str:
+            return ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {pre[k]:.1f} s" for k in keys if k in pre)
+
+        inner = ["group_start_s", "setup_s", "first_step_wait_s"]
+        outer = ["ray_start_s", "workers_start_s", "train_s", "finish_s"]
+        rest = sorted(k for k in pre if k not in inner + outer)
+        parts = ", ".join(p for p in (fmt(outer[:2]) + (f" ({fmt(inner)})" if any(k in pre for k in inner) else ""),
+                                      fmt(outer[2:] + rest)) if p)
         print(f"pretrain: {parts}")
         if pre.get("train_s") and cfg.get("steps") and cfg.get("global_batch"):
             ips = cfg["steps"] * cfg["global_batch"] / pre["train_s"]

@@ -96,11 +96,15 @@ def ray_local():
     _shutdown_ray(ray)
 
 
-def _shutdown_ray(ray, timeout_s: float = 60.0) -> None:
+def _shutdown_ray(ray, timeout_s: float = 20.0) -> None:
     """ray.shutdown() can block forever joining a log-subscriber thread when the GCS is already gone; bound it so a
-    finished suite never hangs CI, and drop Ray's atexit hook that would block the same way."""
+    finished suite never hangs CI, and drop Ray's atexit hook that would block the same way. A normal shutdown takes
+    1-5 s on 2 cores; when it blocks, waiting longer never helped (the whole suite paid 60 s for it), so the bound is
+    short and the warning carries where it blocked. The head's processes exit with this one either way."""
     import atexit
+    import sys
     import threading
+    import traceback
 
     t = threading.Thread(target=ray.shutdown, daemon=True)
     t.start()
@@ -109,7 +113,10 @@ def _shutdown_ray(ray, timeout_s: float = 60.0) -> None:
         atexit.unregister(ray.shutdown)
         import warnings
 
-        warnings.warn(f"ray.shutdown() did not return within {timeout_s:.0f}s; leaving the local Ray to exit with us")
+        frame = sys._current_frames().get(t.ident)
+        where = "".join(traceback.format_stack(frame)[-4:]) if frame is not None else "?"
+        warnings.warn(f"ray.shutdown() did not return within {timeout_s:.0f}s; leaving the local Ray to exit with "
+                      f"us. It was blocked in:\n{where}")
 
 
 @pytest.fixture

@@ -140,11 +140,17 @@ def _train_loop(feed: ProgressFeed) -> Any:
 
 def fit_timing(marks: dict[str, float]) -> dict[str, float]:
     """Where a Ray Train fit's time went, from a progress feed's marks (seconds since the feed opened):
-    ``workers_start_s`` (worker group start, imports, DeepSpeed and stream setup, up to rank 0's first step),
+    ``workers_start_s`` (worker group start, imports, DeepSpeed and stream setup, up to rank 0's first step) and
+    its parts when rank 0 sent its setup milestones: ``group_start_s`` (Ray Train's controller and worker actors,
+    the process group, up to the train function), ``setup_s`` (the trainer: DeepSpeed engine, stream, restored
+    state), ``first_step_wait_s`` (the callbacks' start: in-training evaluation setup and its step-0 point);
     ``train_s`` (first step to the end of training), ``finish_s`` (export and worker group shutdown)."""
     out: dict[str, float] = {}
     if "start" in marks:
         out["workers_start_s"] = marks["start"]
+        if "entered" in marks and "ready" in marks:
+            out.update(group_start_s=marks["entered"], setup_s=marks["ready"] - marks["entered"],
+                       first_step_wait_s=marks["start"] - marks["ready"])
         if "end" in marks:
             out["train_s"] = marks["end"] - marks["start"]
             if "fit_returned" in marks:

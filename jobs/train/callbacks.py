@@ -13,6 +13,10 @@ Trainer = Any  # the trainer imports this module; callbacks only use its attribu
 class TrainerCallback:
     """Every method does nothing; subclasses override what they need."""
 
+    def on_setup(self, rank: int, phase: str) -> None:
+        """A worker's setup milestones, before there is a trainer: ``entered`` (the train function started, its
+        imports and process group done) and ``ready`` (the trainer is built: engine, stream, restored state)."""
+
     def on_train_start(self, trainer: Trainer) -> None:
         """Before the first step of this attempt (after a resume: at the restored step)."""
 

@@ -116,6 +116,10 @@ class ProgressCallback(TrainerCallback):
     def __init__(self, sender: ProgressSender):
         self.sender = sender
 
+    def on_setup(self, rank: int, phase: str) -> None:
+        if rank == 0:  # its arrival time is the driver's mark of that milestone (ProgressFeed.marks)
+            self.sender.send(phase)
+
     def on_train_start(self, trainer: Trainer) -> None:
         if trainer.rank == 0:
             self.sender.send("start", step=trainer.state.step, total=trainer.p.steps)
@@ -137,8 +141,8 @@ class ProgressFeed:
     """Driver side of a Ray-carried progress: a ``ray.util.queue.Queue`` (an actor holding no CPU) and a thread
     that applies each event to ``progress``. A context manager: the queue lives while the stage's workers run.
 
-    Events: ``start`` (step, total), ``step`` (step, total, loss, images_per_s, eta_s), ``phase`` (text),
-    ``end``; their arrival times are kept in :attr:`marks` (first arrival of each kind, seconds since the feed
+    Events: ``entered`` / ``ready`` (a worker's setup milestones), ``start`` (step, total), ``step`` (step, total,
+    loss, images_per_s, eta_s), ``phase`` (text), ``end``; their arrival times are kept in :attr:`marks` (first arrival of each kind, seconds since the feed
     opened) so a stage can say where its time went (worker start, training, export)."""
 
     def __init__(self, progress: StageProgress = NULL_PROGRESS, *, unit: str = "steps", poll_s: float = 0.25):

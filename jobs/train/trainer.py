@@ -347,9 +347,14 @@ def pretrain_worker(config: dict, callbacks: list[TrainerCallback] | None = None
     p = spec.pretrain
     torch.set_num_threads(p.threads_per_worker or p.cpus_per_worker)
     device = ray.train.torch.get_device() if p.use_gpu else torch.device("cpu")
+    callbacks = build_callbacks(spec, rank) + list(callbacks or [])
+    for cb in callbacks:
+        cb.on_setup(rank, "entered")
     trainer = Trainer(spec, rank=rank, world=world, device=device,
                       checkpointer=RayTrainCheckpointer(ray.train.get_checkpoint(), p.checkpoint_upload),
-                      hooks=load_hooks(rank, spec.out_url), callbacks=build_callbacks(spec, rank) + list(callbacks or []))
+                      hooks=load_hooks(rank, spec.out_url), callbacks=callbacks)
+    for cb in callbacks:
+        cb.on_setup(rank, "ready")
     # MLflow's own CPU / memory / GPU sampling on rank 0's node, into the stage's run
     sampler = trainer.tracker.system_metrics() if trainer.tracker else contextlib.nullcontext()
     try:

@@ -114,6 +114,18 @@ def test_progress_callback_sends_rank0_windows_and_direct_sender_applies_them():
     assert other.calls == []  # only rank 0 reports
 
 
+def test_setup_milestones_go_to_the_feed_from_rank_0_only():
+    sent = []
+    sender = SimpleNamespace(send=lambda kind, **fields: sent.append(kind))
+    for rank in (1, 0):
+        for phase in ("entered", "ready"):
+            ProgressCallback(sender).on_setup(rank, phase)
+    assert sent == ["entered", "ready"]
+    got = _Recorder()
+    DirectSender(got).send("entered")  # a milestone is a mark for the driver, not a progress update
+    assert got.calls == []
+
+
 def test_stage_progress_is_null_when_shipped_or_off():
     import pickle
 
@@ -239,7 +251,9 @@ def test_piped_run_prints_plan_progress_summary_and_log_path_only(tiny_run):
     text = log_path.read_text()
     assert "\r" not in text and "\x1b[" not in text
     assert "(RayTrainWorker pid=" in text and re.search(r"pretrain step 6/6 \(100%\) loss", text)  # rank 0's lines
-    assert re.search(r"pretrain timing: ray_start_s [\d.]+s", text)
+    # where the worker group's start went: Ray Train's start, the trainer's setup, the wait for the first step
+    assert re.search(r"pretrain timing: ray_start_s [\d.]+s, workers_start_s [\d.]+s, group_start_s [\d.]+s, "
+                     r"setup_s [\d.]+s, first_step_wait_s [\d.]+s, train_s", text), text[-3000:]
     for mark in ("TrainingReport(", "Setting accelerator to CPU", "Attempting to get learning rate",
                  "PreemptionWatcher", "shm_comm"):
         assert mark not in text, f"dropped at the source, yet in the log: {mark!r}"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitpipe.jobs.stages.pretrain import training_datasets
+from vitpipe.jobs.stages.pretrain import fit_timing, training_datasets
 from vitpipe.jobs.core.tracking import MlflowTracker
 from vitpipe.jobs.train.config import PretrainConfig
 from vitpipe.jobs.train.spec import PretrainSpec
@@ -80,3 +80,12 @@ def test_pretraining_data_is_the_runs_dataset_input(tmp_path, tracker):
     assert {k: (v[0], v[2]["num_samples"], v[2]["weight"]) for k, v in got.items()} == \
         {"ingest": (url, 8, 3.0), "more": (url2, 6, 1.0)}
     assert got["ingest"][1] == digest and got["more"][1] != digest
+
+
+def test_fit_timing_splits_the_worker_start_by_rank_0s_milestones():
+    marks = {"entered": 9.0, "ready": 12.5, "start": 16.0, "end": 116.0, "fit_returned": 118.0}
+    assert fit_timing(marks) == pytest.approx({"workers_start_s": 16.0, "group_start_s": 9.0, "setup_s": 3.5,
+                                               "first_step_wait_s": 3.5, "train_s": 100.0, "finish_s": 2.0})
+    # without the milestones (no feed callback on rank 0): the totals only
+    assert fit_timing({"start": 16.0, "end": 116.0}) == {"workers_start_s": 16.0, "train_s": 100.0}
+    assert fit_timing({"fit_returned": 5.0}) == {"fit_s": 5.0}
