@@ -118,14 +118,14 @@ def report(record: dict, wall: float, bare: float, load0: tuple, load1: tuple, e
     cfg = record.get("config", {}).get("pretrain", {})
     if pre:
         # in the order they happen (run.json sorts keys); the worker start's parts in brackets after it
-        def fmt(keys: list[str]) -> str:
-            return ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {pre[k]:.1f} s" for k in keys if k in pre)
+        def fmt(k: str) -> str:
+            return f"{k.removesuffix('_s').replace('_', ' ')} {pre[k]:.1f} s"
 
-        inner = ["group_start_s", "setup_s", "first_step_wait_s"]
-        outer = ["ray_start_s", "workers_start_s", "train_s", "finish_s"]
-        rest = sorted(k for k in pre if k not in inner + outer)
-        parts = ", ".join(p for p in (fmt(outer[:2]) + (f" ({fmt(inner)})" if any(k in pre for k in inner) else ""),
-                                      fmt(outer[2:] + rest)) if p)
+        start_parts = ("group_start_s", "setup_s", "first_step_wait_s")
+        order = ("ray_start_s", "workers_start_s", "train_s", "finish_s")
+        inner = ", ".join(fmt(k) for k in start_parts if k in pre)
+        keys = [k for k in order if k in pre] + sorted(set(pre) - set(order) - set(start_parts))
+        parts = ", ".join(fmt(k) + (f" ({inner})" if k == "workers_start_s" and inner else "") for k in keys)
         print(f"pretrain: {parts}")
         if pre.get("train_s") and cfg.get("steps") and cfg.get("global_batch"):
             ips = cfg["steps"] * cfg["global_batch"] / pre["train_s"]

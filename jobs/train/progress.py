@@ -142,8 +142,9 @@ class ProgressFeed:
     that applies each event to ``progress``. A context manager: the queue lives while the stage's workers run.
 
     Events: ``entered`` / ``ready`` (a worker's setup milestones), ``start`` (step, total), ``step`` (step, total,
-    loss, images_per_s, eta_s), ``phase`` (text), ``end``; their arrival times are kept in :attr:`marks` (first arrival of each kind, seconds since the feed
-    opened) so a stage can say where its time went (worker start, training, export)."""
+    loss, images_per_s, eta_s), ``phase`` (text), ``end``; their arrival times are kept in :attr:`marks` (first
+    arrival of each kind, seconds since the feed opened) so a stage can say where its time went (worker start,
+    training, export)."""
 
     def __init__(self, progress: StageProgress = NULL_PROGRESS, *, unit: str = "steps", poll_s: float = 0.25):
         self.progress, self.unit, self.poll_s = progress, unit, poll_s

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from cluster_services import CIFAR10, Services
+from cluster_services import CIFAR10, TINY_SETS, Services, tiny_overrides
 from needs import need_dir
 
 
@@ -38,18 +38,13 @@ def process_group():
     yield
 
 
-def tiny_run_sets(cifar10_root) -> list[str]:
-    """The overrides of the shared tiny run (every stage; the downstream tasks on the real CIFAR-10 folders)."""
-    return [f"data.root={cifar10_root}", f"fewshot.tasks=cifar10={cifar10_root},digits",
-            f"finetune.task=cifar10={cifar10_root}", f"analysis.task=cifar10={cifar10_root}"]
-
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, cifar10_root, ray_local):
-    """One ``vitpipe run tiny`` of every stage through the CLI, its output piped and every progress update printed
-    as a line, shared by the tests that read a finished run: its console output and log (test_output), its store,
-    MLflow runs, registered model and cached reruns (test_pipeline_integration). A tiny run costs 1-2 minutes on
-    2 cores; each of those tests paid for its own before."""
+    """One ``vitpipe run tiny`` of every stage through the CLI (``cluster_services.TINY_SETS``), its output piped
+    and every progress update printed as a line, shared by the tests that read a finished run: its console output
+    and log (test_output), its store, MLflow runs, registered model and cached reruns (test_pipeline_integration).
+    A tiny run costs 1-2 minutes on 2 cores; each of those tests paid for its own before."""
     from types import SimpleNamespace
 
     from typer.testing import CliRunner
@@ -58,13 +53,13 @@ def tiny_run(tmp_path_factory, cifar10_root, ray_local):
     from vitpipe.jobs.core.store import Store
     from vitpipe.jobs.run import view as view_mod
 
-    store = tmp_path_factory.mktemp("tiny-run") / "store"
-    sets = tiny_run_sets(cifar10_root)
+    root = tmp_path_factory.mktemp("tiny-run") / "store"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(view_mod.EVERY_ENV, "0")  # every progress update as a line: test_output checks all of them
-        res = CliRunner().invoke(app, ["run", "tiny", "--store", str(store), *(a for s in sets for a in ("--set", s))])
-    runs = sorted((store / "runs").iterdir()) if (store / "runs").is_dir() else []
-    record = Store(str(store)).load_run(runs[0].name) if len(runs) == 1 else None
-    results = {s: Store(str(store)).load_result(s, v["key"]) for s, v in record["stages"].items()} if record else {}
-    return SimpleNamespace(output=res.output, exit_code=res.exit_code, exception=res.exception, store=store,
-                           sets=sets, run_dir=runs[0] if runs else None, record=record, results=results)
+        res = CliRunner().invoke(app, ["run", *tiny_overrides(root)])
+    runs = sorted((root / "runs").iterdir()) if (root / "runs").is_dir() else []
+    store = Store(str(root))
+    record = store.load_run(runs[0].name) if len(runs) == 1 else None
+    results = {s: store.load_result(s, v["key"]) for s, v in record["stages"].items()} if record else {}
+    return SimpleNamespace(output=res.output, exit_code=res.exit_code, exception=res.exception, store=root,
+                           sets=list(TINY_SETS), run_dir=runs[0] if runs else None, record=record, results=results)

@@ -7,23 +7,18 @@ import subprocess
 import sys
 
 import pytest
+from cluster_services import TINY_SETS
 from mlflow.tracking import MlflowClient
 
 from vitpipe.jobs.stages import stages_for
-from vitpipe.jobs.config import build_config, resolve_paths
-from vitpipe.jobs.core.configtools import apply_overrides
-from vitpipe.jobs.config.recipes import get_recipe
+from vitpipe.jobs.config import build_config
 from vitpipe.jobs.run.runner import RunSummary, run_pipeline
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _cfg(tmp_path, cifar10_root, *overrides):
-    cfg = apply_overrides(get_recipe("tiny"), [f"store={tmp_path / 'store'}", f"data.root={cifar10_root}",
-                                               f"fewshot.tasks=cifar10={cifar10_root},digits",
-                                               f"finetune.task=cifar10={cifar10_root}",
-                                               f"analysis.task=cifar10={cifar10_root}", *overrides])
-    return resolve_paths(cfg)
+def _cfg(tmp_path, *overrides):
+    return build_config("tiny", [*TINY_SETS, *overrides], str(tmp_path / "store"))
 
 
 def _children(client, parent_id):
@@ -140,7 +135,7 @@ def test_cli_user_errors_are_one_line(tmp_path):
 
 def test_mpp_objective_pretrains_and_feeds_the_same_evals(tmp_path, cifar10_root, ray_local):
     """Masked patch prediction (paper §4.6) selected by config; its encoder goes through the same few-shot stage."""
-    cfg = _cfg(tmp_path, cifar10_root, "pretrain.objective=mpp", "stages=ingest,pretrain,fewshot",
+    cfg = _cfg(tmp_path, "pretrain.objective=mpp", "stages=ingest,pretrain,fewshot",
                "tracking.enabled=false", "fewshot.random_init_baseline=false", "fewshot.tasks=digits")
     summary = run_pipeline(cfg, stages_for(cfg), progress=False)
     pre = summary.results["pretrain"]

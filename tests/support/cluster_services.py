@@ -292,13 +292,14 @@ CIFAR10 = (REPO / ".." / "shared" / "data" / "cifar10").resolve()
 ENV_SECRET = "envsecret-" + "7f3a9c"
 
 
+TINY_SETS = [f"data.root={CIFAR10}", f"fewshot.tasks=cifar10={CIFAR10},digits", f"finetune.task=cifar10={CIFAR10}",
+             f"analysis.task=cifar10={CIFAR10}"]
+"""The tests' dotted overrides of the tiny recipe: every stage, the downstream tasks on the real CIFAR-10 folders."""
+
+
 def tiny_overrides(store: Path, *extra: str) -> list[str]:
-    args = ["tiny", "--store", str(store), "--set", f"data.root={CIFAR10}",
-            "--set", f"fewshot.tasks=cifar10={CIFAR10},digits", "--set", f"finetune.task=cifar10={CIFAR10}",
-            "--set", f"analysis.task=cifar10={CIFAR10}"]
-    for e in extra:
-        args += ["--set", e]
-    return args
+    """``tiny --store STORE --set ...`` (TINY_SETS + ``extra``): the arguments of a CLI run or submit."""
+    return ["tiny", "--store", str(store), *(a for e in (*TINY_SETS, *extra) for a in ("--set", e))]
 
 
 def finished_tiny(svc: Services) -> dict:
