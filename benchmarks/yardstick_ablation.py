@@ -7,11 +7,15 @@ evaluated with the demo's own fewshot code on the validation views (README, "How
     python benchmarks/yardstick_ablation.py --model vit --crop rrc        # ... with the Inception crop (0.35-1)
     python benchmarks/yardstick_ablation.py --model vit-torch             # vitpipe's ViT, init=torch
     python benchmarks/yardstick_ablation.py --model vit-torch --optim vitpipe   # ... vitpipe's old optimisation
+    # round 4, the demo's depth at equal wall time (its per-image crop, its LR ramp; steps sized to ~155 s here):
+    python benchmarks/yardstick_ablation.py --model vit-torch --crop pad-sample --optim ramp --depth 2 --steps 380
 
 Everything else is the yardstick's (``../shared/tools/bare_loop_baseline.py``): pre-decoded CIFAR-10 train, batch
 128 drawn with replacement, AdamW, one process; ``--optim yardstick`` is its LR ramp to 1e-3 over 200 steps with
-wd 0.05 and no clipping, ``--optim vitpipe`` 20 warm-up steps to 8e-4 then linear decay to 0, wd 0.1, clip 1.
-Prints one JSON line: the settings, the validation few-shot means and the transfer score. ~5 min on 2 cores.
+wd 0.05 and no clipping, ``--optim vitpipe`` 20 warm-up steps to 8e-4 then linear decay to 0, wd 0.1, clip 1,
+``--optim ramp`` the demo's (the LR ramped to ``--lr`` over all ``--steps``, wd 0.05, no clip). ``--depth`` and
+``--batch`` size vitpipe's ViT (width 192, patch 4) and the step. Prints one JSON line: the settings, images seen,
+training seconds and img/s, the validation few-shot means and the transfer score. ~5 min on 2 cores.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import math
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +55,29 @@ def _rrc(xb: torch.Tensor, lo: float = 0.35) -> torch.Tensor:
     return out
 
 
+def _load_train(bare) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 train as uint8 arrays, decoded once per machine (a cache in the temp folder: rows take ~5 min)."""
+    cache = Path(tempfile.gettempdir()) / "vitpipe_yardstick_cifar10_train.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            return z["x"], z["y"]
+    xtr, ytr = bare.load("train")
+    np.savez(cache, x=xtr, y=ytr)
+    return xtr, ytr
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("bare", "vit", "vit-torch"), default="bare")
     ap.add_argument("--norm", choices=("stats", "half"), default="stats")
-    ap.add_argument("--crop", choices=("pad", "rrc"), default="pad")
-    ap.add_argument("--optim", choices=("yardstick", "vitpipe"), default="yardstick")
+    ap.add_argument("--crop", choices=("pad", "pad-sample", "rrc", "none"), default="pad",
+                    help="pad: one pad-4 crop offset per batch (the yardstick's); pad-sample: one per image "
+                         "(vitpipe's stream); none: the image as it is (flip only)")
+    ap.add_argument("--optim", choices=("yardstick", "vitpipe", "ramp"), default="yardstick",
+                    help="ramp: the demo's, the LR ramped linearly to --lr over the whole run, wd 0.05, no clip")
+    ap.add_argument("--lr", type=float, default=1.3e-3, help="peak LR of --optim ramp")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--steps", type=int, default=180)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recipe", default="demo", help="whose fewshot evaluation to run")
@@ -65,7 +87,7 @@ def main() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
     torch.set_num_threads(args.threads)
-    xtr, ytr = bare.load("train")
+    xtr, ytr = _load_train(bare)
     mean, std = xtr.reshape(-1, 3).mean(0) / 255, xtr.reshape(-1, 3).std(0) / 255
     if args.norm == "half":
         mean, std = np.full(3, 0.5), np.full(3, 0.5)
@@ -76,26 +98,36 @@ def main() -> None:
     else:
         from vitpipe.models import ViTConfig, create
 
-        model = create(ViTConfig.from_name("Ti/4", img_size=32, num_classes=10, depth=6, gelu="exact",
-                                           init="torch" if args.model == "vit-torch" else "jax"))
+        model = create(ViTConfig.from_name("Ti/4", img_size=32, num_classes=10, gelu="exact",
+                                           depth=args.depth, init="torch" if args.model == "vit-torch" else "jax"))
     vitpipe_optim = args.optim == "vitpipe"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1 if vitpipe_optim else 0.05)
 
     def lr_at(step: int) -> float:
+        if args.optim == "ramp":
+            return args.lr * (step + 1) / args.steps
         if not vitpipe_optim:
             return 1e-3 * min(1, (step + 1) / 200)
         warm = 20
         return 8e-4 * (step + 1) / warm if step < warm else 8e-4 * max(0.0, (args.steps - step) / (args.steps - warm))
 
+    bsz = args.batch
+    t0 = time.perf_counter()
     for step in range(args.steps):
-        idx = torch.randint(0, len(x), (128,))
+        idx = torch.randint(0, len(x), (bsz,))
         if args.crop == "pad":  # the yardstick's: one offset per batch
             xb = F.pad(x[idx], (4, 4, 4, 4), mode="reflect")
             i, j = np.random.randint(0, 9, 2)
             xb = xb[:, :, i:i + 32, j:j + 32].clone()
+        elif args.crop == "pad-sample":
+            padded = F.pad(x[idx], (4, 4, 4, 4), mode="reflect")
+            ij = np.random.randint(0, 9, (bsz, 2))
+            xb = torch.stack([padded[n, :, a:a + 32, b:b + 32] for n, (a, b) in enumerate(ij)])
+        elif args.crop == "none":
+            xb = x[idx].clone()
         else:
             xb = _rrc(x[idx])
-        flip = torch.rand(128) < 0.5
+        flip = torch.rand(bsz) < 0.5
         xb[flip] = xb[flip].flip(3)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -105,6 +137,7 @@ def main() -> None:
         if vitpipe_optim:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+    train_s = time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -122,7 +155,9 @@ def main() -> None:
         res = yardstick.evaluate(out / "model", args.recipe, args.threads)
     val = {k: round(100 * v, 1) for k, v in res["metrics"].items()
            if ".val/" in k and k.endswith(("10shot/mean", "25shot/mean"))}
-    print(json.dumps({"settings": vars(args), "transfer_score": round(100 * res["transfer_score"], 1), **val}))
+    print(json.dumps({"settings": vars(args), "images": args.steps * bsz, "train_s": round(train_s, 1),
+                      "img_per_s": round(args.steps * bsz / train_s, 1),
+                      "transfer_score": round(100 * res["transfer_score"], 1), **val}))
 
 
 if __name__ == "__main__":
