@@ -8,7 +8,8 @@ Per row: bare and production step time (CPU time of the rank's process, median o
 other load on the machine), the extra host microseconds per parameter tensor, host syncs per step (reads of device
 values outside log steps, ``vitpipe.jobs.train.syncs``), and the ratio. ``legacy`` rows rebuild the step as it was
 before this benchmark existed (DeepSpeed's AdamW and clipping, overlap_comm + contiguous_gradients, throughput timer
-on, three host reads per micro-batch) for comparison in the same run.
+on, three host reads per micro-batch, at ZeRO-3 DeepSpeed's memory-efficient linear) for comparison in the same
+run; DeepSpeed installs that linear process-wide, so only the legacy step runs with it.
 
     python benchmarks/step_overhead.py                   # ZeRO 1/2/3, world 1 and 2 (gloo), ~5 min on 2 cores
     python benchmarks/step_overhead.py --worlds 1 --zero 2 --rounds 3
@@ -105,23 +106,33 @@ def legacy_step(mcfg, zero: int, world: int, batch: int):
     cfg = deepspeed_config(p, world_size=world, device="cpu", num_params=0)
     cfg.pop("timers")
     cfg["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
+    if zero == 3:
+        cfg["zero_optimization"]["memory_efficient_linear"] = True  # DeepSpeed's default then
     torch.manual_seed(0)
     model = create(mcfg)
+    linear = torch.nn.functional.linear
     engine = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=cfg)[0]
+    # DeepSpeed installs its ZeRO-3 linear process-wide; this step alone runs with it, the bare and vitpipe steps
+    # of the same process keep torch's
+    ds_linear, torch.nn.functional.linear = torch.nn.functional.linear, linear
     x = torch.randn(batch, 3, mcfg.img_size, mcfg.img_size)
     y = torch.randint(0, mcfg.num_classes, (batch,))
 
     def step():
-        logits = engine(x)
-        loss = classification_loss(logits, y, "softmax")
-        flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0])
-        torch.distributed.all_reduce(flag)
-        if flag.item() != 0.0:
-            raise FloatingPointError
-        engine.backward(loss)
-        engine.step()
-        loss.item()
-        top1(logits.detach(), y)
+        torch.nn.functional.linear = ds_linear
+        try:
+            logits = engine(x)
+            loss = classification_loss(logits, y, "softmax")
+            flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0])
+            torch.distributed.all_reduce(flag)
+            if flag.item() != 0.0:
+                raise FloatingPointError
+            engine.backward(loss)
+            engine.step()
+            loss.item()
+            top1(logits.detach(), y)
+        finally:
+            torch.nn.functional.linear = linear
 
     return step
 

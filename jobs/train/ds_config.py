@@ -16,6 +16,9 @@ per parameter tensor against a bare loop; its figures in ``benchmarks/results/``
   them (a partition of one is the whole tensor anyway), on more ranks up to ``ZERO3_PERSIST_BYTES`` of 16-bit
   weights, so most layers are never gathered and released per step; with everything whole, no prefetching. And
   each transformer block is one ZeRO-3 "leaf" (``engine.build_engine``): one fetch per block, not per layer.
+  With everything whole, DeepSpeed's "memory-efficient linear" is off: it would replace
+  ``torch.nn.functional.linear`` process-wide with a slower Python autograd Function that only partitioned weights
+  need.
 """
 
 from __future__ import annotations
@@ -101,6 +104,12 @@ def deepspeed_config(p: Any, *, world_size: int, device: str, num_params: int,
         zero.update({"stage3_param_persistence_threshold": persist, "stage3_model_persistence_threshold": persist,
                      # Gather full fp32 weights on save so a checkpoint is also loadable outside DeepSpeed.
                      "stage3_gather_16bit_weights_on_model_save": True})
+        # DeepSpeed's "memory-efficient linear" replaces torch.nn.functional.linear for the whole process with a
+        # Python autograd Function (matmul + add instead of one fused kernel, its own backward) whose use is to
+        # re-gather a weight partitioned by the time backward reaches it. With every weight whole there is none:
+        # it only slows every Linear in the process, the bare ops of the evaluators included (measured on CPU, a
+        # narrow H/14: the bare step 35 ms without it, 55 with; vitpipe's ZeRO-3 step ~118 ms without, ~152 with).
+        zero["memory_efficient_linear"] = not whole
         if whole:
             # nothing is ever gathered, so nothing to prefetch: the prefetch bookkeeping is pure host time
             # (measured on CPU: ZeRO-3's extra time per tensor 262 -> 161 us)

@@ -59,14 +59,17 @@ def test_zero3_keeps_parameters_whole_when_they_fit():
     # one rank: everything whole, nothing to prefetch
     z = deepspeed_config(p, world_size=1, device="cuda", num_params=632_000_000)["zero_optimization"]
     assert z["stage3_param_persistence_threshold"] == z["stage3_model_persistence_threshold"] == 632_000_000
-    assert z["stage3_prefetch_bucket_size"] == 0
+    assert z["stage3_prefetch_bucket_size"] == 0 and z["memory_efficient_linear"] is False
     # many ranks, 16-bit weights under the budget: still whole
     z = deepspeed_config(p, world_size=64, device="cuda", num_params=1_800_000_000)["zero_optimization"]
     assert z["stage3_model_persistence_threshold"] == 1_800_000_000 and z["stage3_prefetch_bucket_size"] == 0
+    assert z["memory_efficient_linear"] is False
     # over the budget: the first ZERO3_PERSIST_BYTES of weights whole, the rest gathered per block (prefetched)
     z = deepspeed_config(p, world_size=64, device="cuda", num_params=4_000_000_000)["zero_optimization"]
     assert z["stage3_model_persistence_threshold"] == ZERO3_PERSIST_BYTES // 2
     assert "stage3_prefetch_bucket_size" not in z
+    # partitioned weights: DeepSpeed's linear re-gathers them in backward
+    assert z["memory_efficient_linear"] is True
 
 
 def test_cpu_defaults_and_lr_scaling():

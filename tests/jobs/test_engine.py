@@ -105,6 +105,21 @@ def test_vitpipe_engine_trains_as_deepspeeds_own_optimizer_and_clipping(process_
         e.destroy()
 
 
+def test_a_zero3_engine_with_whole_weights_leaves_torch_linear_alone(process_group):
+    """DeepSpeed's memory-efficient linear would replace torch.nn.functional.linear for the whole process (every
+    Linear, the evaluators' included, through a slower Python autograd Function): off when no weight is partitioned."""
+    linear = torch.nn.functional.linear
+    try:
+        e = _engine(3, client=True)
+        assert torch.nn.functional.linear is linear
+        x, y = _batch(0)
+        e.backward(torch.nn.functional.cross_entropy(e(x), y))
+        e.step()
+        e.destroy()
+    finally:
+        torch.nn.functional.linear = linear  # never leave a patched linear to the tests after this one
+
+
 def test_compile_choices_the_device_cannot_run_fail_in_one_line():
     with pytest.raises(ValueError, match=r"^pretrain.compile=deepcompile needs a CUDA device .* not cpu; use "
                                          r"pretrain.compile=inductor or none$"):
