@@ -16,7 +16,6 @@ seeds itself (0); what varies between its runs is the step count its time budget
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import statistics
 import subprocess
@@ -24,10 +23,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-FEWSHOT_CELLS = [(task, shots) for task in ("cifar10", "digits", "hymenoptera", "hymenoptera_64px")
-                 for shots in (10, 25)]
-OTHER_CELLS = [(task, ev) for task in ("cifar10", "digits", "hymenoptera", "hymenoptera_64px")
-               for ev in ("knn", "linear")]
+TASKS = ("cifar10", "digits", "hymenoptera", "hymenoptera_64px")
+# cell suffix -> (the demo's fewshot-stage metric, the yardstick's evaluation metric), after "<task>/"
+CELLS = {"10shot": ("10shot", "10shot/mean"), "25shot": ("25shot", "25shot/mean"),
+         "knn": ("knn_k20", "knn/k20"), "linear": ("linear_test_acc", "linear/test_acc")}
 
 
 def run_pair(seed: int, root: Path) -> None:
@@ -47,26 +46,29 @@ def run_pair(seed: int, root: Path) -> None:
                         "--out", str(d / "yardstick")], check=True, stdout=subprocess.DEVNULL)
 
 
-def _one(pattern: str) -> dict:
-    found = glob.glob(pattern)
-    if len(found) != 1:
-        raise SystemExit(f"expected one result at {pattern}, found {len(found)}")
-    return json.loads(Path(found[0]).read_text())
+def demo_metrics(store_dir: Path) -> dict[str, dict]:
+    """Metrics of the fewshot and finetune stages of the one run in the demo's store (through its run record)."""
+    from vitpipe.jobs.core.store import Store
+
+    store = Store(str(store_dir))
+    runs = store.list_runs()
+    if len(runs) != 1:
+        raise SystemExit(f"expected one run in {store_dir}, found {len(runs)}")
+    return {name: store.load_result(name, runs[0]["stages"][name]["key"]).metrics for name in ("fewshot", "finetune")}
 
 
 def load_pair(d: Path) -> dict:
-    """The test numbers of one pair, in % (keys: ``task/10shot``, ``task/knn``, ...; ``transfer``; ``head``)."""
-    fs = _one(str(d / "store" / "stages" / "fewshot" / "*" / "result.json"))["metrics"]
-    ft = _one(str(d / "store" / "stages" / "finetune" / "*" / "result.json"))["metrics"]
+    """The test numbers of one pair, in %: keys ``<task>/<cell>`` (CELLS), ``transfer (val)`` and the CIFAR-10
+    fine-tune against the yardstick's joint head; plus the run's timing."""
+    demo_m = demo_metrics(d / "store")
+    fs, ft = demo_m["fewshot"], demo_m["finetune"]
     ys = json.loads((d / "yardstick" / "yardstick.json").read_text())
     ym = ys["evaluation"]["metrics"]
     demo, yard = {}, {}
-    for task, shots in FEWSHOT_CELLS:
-        demo[f"{task}/{shots}shot"] = 100 * fs[f"eval/{task}/{shots}shot"]
-        yard[f"{task}/{shots}shot"] = 100 * ym[f"{task}/{shots}shot/mean"]
-    for task, ev in OTHER_CELLS:
-        demo[f"{task}/{ev}"] = 100 * fs[f"eval/{task}/knn_k20" if ev == "knn" else f"eval/{task}/linear_test_acc"]
-        yard[f"{task}/{ev}"] = 100 * ym[f"{task}/knn/k20" if ev == "knn" else f"{task}/linear/test_acc"]
+    for task in TASKS:
+        for cell, (ours, theirs) in CELLS.items():
+            demo[f"{task}/{cell}"] = 100 * fs[f"eval/{task}/{ours}"]
+            yard[f"{task}/{cell}"] = 100 * ym[f"{task}/{theirs}"]
     demo["transfer (val)"] = 100 * fs["eval/transfer_score"]
     yard["transfer (val)"] = 100 * ys["evaluation"]["transfer_score"]
     demo["CIFAR-10 fine-tune / joint head"] = 100 * ft["eval/cifar10/finetune"]
