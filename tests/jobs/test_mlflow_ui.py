@@ -55,6 +55,18 @@ def _text(html: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
 
 
+def _browse_until(chromium: str, url: str, ready, **kw) -> str:
+    """:func:`_browse` (same keywords) until ``ready(result)`` holds, with a growing virtual-time budget: the
+    single-page app fetches its data and draws section by section, and on a busy machine the first dump or
+    screenshot can come before that (a page that never gets there is returned as it is, so the assertions after
+    this still fail and say why)."""
+    for budget_ms in (40_000, 80_000, 160_000):
+        out = _browse(chromium, url, budget_ms=budget_ms, **kw)
+        if ready(out):
+            break
+    return out
+
+
 def test_mlflow_ui_shows_parent_children_chart_and_figure(svc, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -75,30 +87,30 @@ def test_mlflow_ui_shows_parent_children_chart_and_figure(svc, tmp_path):
     (dataset,) = [d.dataset for d in kids["pretrain"].inputs.dataset_inputs]
     assert dataset.name == "cifar10-train"
     assert {d.dataset.digest for d in parent.inputs.dataset_inputs} == {dataset.digest}
-    runs_page = _text(_browse(chromium, run_page_url(svc.mlflow.url, exp)))
+    runs_page = _text(_browse_until(chromium, run_page_url(svc.mlflow.url, exp),
+                                    lambda d: parent.info.run_name in _text(d) and dataset.name in _text(d)))
     assert runs_page.lstrip().startswith("Runs - Experiment"), runs_page[:500]
     assert "Token Usage" not in runs_page and "Run Name Created Dataset" in runs_page, runs_page[:2000]
     row = runs_page[runs_page.index(parent.info.run_name):][:400]  # "tiny-<run id>" in the experiment's runs table
     assert dataset.name in row, row
 
-    parent_page = _text(_browse(chromium, f"{base}/{parent.info.run_id}{ml}"))
+    parent_page = _text(_browse_until(chromium, f"{base}/{parent.info.run_id}{ml}",
+                                      lambda d: re.search(r"Child runs (.*?) Source", _text(d)) is not None))
     assert parent.info.run_name in parent_page and "Finished" in parent_page
     children = re.search(r"Child runs (.*?) Source", parent_page)
     assert children, parent_page[:2000]
     assert {s.strip() for s in children.group(1).split(",")} >= set(tiny["record"]["config"]["stages"])
 
     # The pretrain run's overview lists its dataset input: name (digest) and context.
-    pretrain_page = _text(_browse(chromium, f"{base}/{kids['pretrain'].info.run_id}{ml}"))
+    pretrain_page = _text(_browse_until(chromium, f"{base}/{kids['pretrain'].info.run_id}{ml}",
+                                        lambda d: f"Datasets {dataset.name}" in _text(d)))
     assert f"Datasets {dataset.name} ({dataset.digest}) training" in pretrain_page, pretrain_page[:3000]
 
     # Plotly draws the charts lazily after their data requests, section by section as they scroll into view (a
     # tall window shows every section): on a busy machine the first dump can come before that, so a few tries with
     # a growing time budget (a page that never draws the loss chart still fails).
     metrics_url = f"{base}/{kids['pretrain'].info.run_id}/model-metrics{ml}"
-    for budget_ms in (40_000, 80_000, 160_000):
-        metrics = _browse(chromium, metrics_url, budget_ms=budget_ms, height=4000)
-        if "pretrain (train/loss)" in _text(metrics):
-            break
+    metrics = _browse_until(chromium, metrics_url, lambda d: "pretrain (train/loss)" in _text(d), height=4000)
     assert 'class="main-svg"' in metrics  # a rendered (plotly) chart
     # the loss chart with its legend ("pretrain (<metric>)") and a step axis, in the "train" section
     text = _text(metrics)
@@ -106,12 +118,14 @@ def test_mlflow_ui_shows_parent_children_chart_and_figure(svc, tmp_path):
     assert not [m for m in kids["pretrain"].data.metrics if m.startswith("final_")]  # the summary is not a copy
 
     fig = "figures/attention_distance.png"
-    art = _browse(chromium, f"{base}/{kids['analysis'].info.run_id}/artifacts/{fig}{ml}")
+    art = _browse_until(chromium, f"{base}/{kids['analysis'].info.run_id}/artifacts/{fig}{ml}",
+                        lambda d: re.search(r"<img[^>]+attention_distance", d) is not None)
     assert re.search(r"<img[^>]+attention_distance", art), _text(art)[:2000]
 
     shots = Path(os.environ.get("VITPIPE_UI_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     for name, url in (("experiment", run_page_url(svc.mlflow.url, exp)), ("metrics", metrics_url),
                       ("figure", f"{base}/{kids['analysis'].info.run_id}/artifacts/{fig}{ml}")):
-        _browse(chromium, url, screenshot=shots / f"mlflow-{name}.png")
-        assert (shots / f"mlflow-{name}.png").stat().st_size > 20_000  # not a blank page
+        shot = shots / f"mlflow-{name}.png"
+        _browse_until(chromium, url, lambda _: shot.stat().st_size > 20_000, screenshot=shot)
+        assert shot.stat().st_size > 20_000  # not a blank page
