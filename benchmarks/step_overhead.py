@@ -4,19 +4,23 @@ of the same model, on CPU, for narrow ViTs with B/16's and H/14's parameter-tens
 compute is negligible, so the difference is per-tensor host work, the part of a GPU step that the device cannot
 hide once the host falls behind).
 
-Per row: bare and production step time (CPU time of the rank's process, median over interleaved rounds: robust to
-other load on the machine), the extra host microseconds per parameter tensor, host syncs per step (reads of device
-values outside log steps, ``vitpipe.jobs.train.syncs``), and the ratio. ``legacy`` rows rebuild the step as it was
-before this benchmark existed (DeepSpeed's AdamW and clipping, overlap_comm + contiguous_gradients, throughput timer
-on, three host reads per micro-batch, at ZeRO-3 DeepSpeed's memory-efficient linear) for comparison in the same
-run; DeepSpeed installs that linear process-wide, so only the legacy step runs with it.
+Per row: bare and production step time (CPU time of the rank's process, median over rounds that interleave the bare
+loop and every stage's step of one model: robust to other load on the machine and to its drifting speed), the extra
+host microseconds per parameter tensor, host syncs per step (reads of device values outside log steps,
+``vitpipe.jobs.train.syncs``), and the ratio. ``legacy`` rows rebuild the step as it was before this benchmark existed
+(DeepSpeed's AdamW and clipping, overlap_comm + contiguous_gradients, throughput timer on, three host reads per
+micro-batch, at ZeRO-3 DeepSpeed's memory-efficient linear) for comparison in the same run; DeepSpeed installs that
+linear process-wide, so only the legacy step runs with it.
 
     python benchmarks/step_overhead.py                   # ZeRO 1/2/3, world 1 and 2 (gloo), ~5 min on 2 cores
     python benchmarks/step_overhead.py --worlds 1 --zero 2 --rounds 3
+    python benchmarks/step_overhead.py --zero 0,1,2,3 --settings cuda,cpu   # + ZeRO-0, and overlap_comm's cost
+    python benchmarks/step_overhead.py --precision bf16   # DeepSpeed's bf16 optimizers (what CUDA runs get)
 
 The bare loop: forward, loss, backward, ``clip_grad_norm_`` (foreach), torch's fused AdamW over the same two
-parameter groups (world 2: wrapped in DDP). Settings: ``cuda`` = the DeepSpeed settings a CUDA run gets (at world 1
-the same as CPU's), in fp32. The last line is the summary the README quotes.
+parameter groups (world 2: wrapped in DDP; ``--precision bf16``: the forward under bf16 autocast). Settings:
+``cuda`` = the DeepSpeed settings a CUDA run gets (at world 1 the same as CPU's), in fp32 unless ``--precision
+bf16`` (then without the fp32-only "before" rows). The last line is the summary the README quotes.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def narrow_model(depth: int):
     return ViTConfig(width=64, depth=depth, num_heads=2, mlp_dim=256, patch_size=8, img_size=16, num_classes=10)
 
 
-def production_step(mcfg, zero: int, world: int, rank: int, settings: str, batch: int):
+def production_step(mcfg, zero: int, world: int, rank: int, settings: str, batch: int, precision: str = "fp32"):
     """``Trainer.step`` of the production loop on synthetic batches; returns (step fn, trainer)."""
     from vitpipe.jobs.train.config import PretrainConfig
     from vitpipe.jobs.train.spec import PretrainSpec
@@ -56,7 +60,7 @@ def production_step(mcfg, zero: int, world: int, rank: int, settings: str, batch
     from vitpipe.jobs.train.trainer import Trainer
 
     p = PretrainConfig(steps=1 << 30, global_batch=batch * world, micro_batch=batch, zero_stage=zero,
-                       precision="fp32", warmup_steps=10, log_every=1 << 30, checkpoint_every=1 << 30,
+                       precision=precision, warmup_steps=10, log_every=1 << 30, checkpoint_every=1 << 30,
                        num_workers=world)
     spec = PretrainSpec(model=mcfg, pretrain=p, manifest_url="", out_url="")
     t = Trainer(spec, rank=rank, world=world, device=torch.device("cpu"), ds_settings=settings,
@@ -65,8 +69,8 @@ def production_step(mcfg, zero: int, world: int, rank: int, settings: str, batch
     return t.step, t
 
 
-def bare_step(mcfg, world: int, batch: int):
-    """The bare loop on the same model and batch."""
+def bare_step(mcfg, world: int, batch: int, precision: str = "fp32"):
+    """The bare loop on the same model and batch (bf16: under autocast, fp32 weights, as the GPU bare loop)."""
     from vitpipe.jobs.train.optim import classification_loss, param_groups
     from vitpipe.models import create
 
@@ -81,7 +85,9 @@ def bare_step(mcfg, world: int, batch: int):
     params = [q for g in groups for q in g["params"]]
 
     def step():
-        loss = classification_loss(model(x), y, "softmax")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(x)
+        loss = classification_loss(logits.float(), y, "softmax")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
@@ -174,29 +180,33 @@ def run_world(rank: int, world: int, port: int, args, out: dict) -> None:
     for variant in args.variants:
         mcfg = narrow_model(NARROW[variant])
         n_tensors = depth_tensors(mcfg)
-        bare = bare_step(mcfg, world, args.batch)
+        # every stage's step and the bare loop timed in the same interleaved rounds: the rows of one variant share
+        # one bare figure and the same moments of the machine's drifting speed
+        fns = {"bare": bare_step(mcfg, world, args.batch, args.precision)}
+        trainers = {}
         for zero in args.zero:
             for settings in args.settings:
-                prod, trainer = production_step(mcfg, zero, world, rank, settings, args.batch)
-                fns = {"bare": bare, "prod": prod}
+                fns[zero, settings], trainers[zero, settings] = production_step(mcfg, zero, world, rank, settings,
+                                                                                args.batch, args.precision)
+            if args.legacy:
+                fns[zero, "legacy"] = legacy_step(mcfg, zero, world, args.batch)
+        t = timed(fns, args.rounds, args.steps)
+        syncs = {k: syncs_per_step(f) for k, f in fns.items() if k != "bare"}
+        for (zero, settings), trainer in trainers.items():
+            if rank == 0:
+                prod = t[zero, settings]
+                row = {"variant": variant, "tensors": n_tensors, "zero": zero, "world": world, "settings": settings,
+                       "bare_ms": 1e3 * t["bare"], "prod_ms": 1e3 * prod,
+                       "us_per_tensor": 1e6 * (prod - t["bare"]) / n_tensors, "syncs": syncs[zero, settings],
+                       "ratio": t["bare"] / prod, "attention": trainer.attention}
                 if args.legacy:
-                    fns["legacy"] = legacy_step(mcfg, zero, world, args.batch)
-                t = timed(fns, args.rounds, args.steps)
-                syncs = syncs_per_step(prod)
-                legacy_syncs = syncs_per_step(fns["legacy"]) if args.legacy else None
-                if rank == 0:
-                    row = {"variant": variant, "tensors": n_tensors, "zero": zero, "world": world,
-                           "settings": settings, "bare_ms": 1e3 * t["bare"], "prod_ms": 1e3 * t["prod"],
-                           "us_per_tensor": 1e6 * (t["prod"] - t["bare"]) / n_tensors, "syncs": syncs,
-                           "ratio": t["bare"] / t["prod"], "attention": trainer.attention}
-                    if args.legacy:
-                        row.update(legacy_ms=1e3 * t["legacy"],
-                                   legacy_us_per_tensor=1e6 * (t["legacy"] - t["bare"]) / n_tensors,
-                                   legacy_syncs=legacy_syncs)
-                    out[len(out)] = row
-                    print(fmt(row), flush=True)
-                trainer.close()
-                del trainer, prod, fns
+                    row.update(legacy_ms=1e3 * t[zero, "legacy"],
+                               legacy_us_per_tensor=1e6 * (t[zero, "legacy"] - t["bare"]) / n_tensors,
+                               legacy_syncs=syncs[zero, "legacy"])
+                out[len(out)] = row
+                print(fmt(row), flush=True)
+            trainer.close()
+        del trainers, fns
     torch.distributed.destroy_process_group()
 
 
@@ -226,7 +236,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=8, help="steps per round")
     ap.add_argument("--no-legacy", dest="legacy", action="store_false", help="skip the 'before' rows")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                    help="bf16: DeepSpeed's bf16 optimizers (what a CUDA run gets) against the bare loop under "
+                         "bf16 autocast")
     args = ap.parse_args()
+    args.legacy = args.legacy and args.precision == "fp32"  # the "before" step is rebuilt in fp32 only
     print(f"CPU: {_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     rows: list[dict] = []

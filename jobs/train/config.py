@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from vitpipe.jobs.train.ds_config import check_stage_precision, resolve_precision
 from vitpipe.pipeline import SourceSpec, StreamConfig
 from vitpipe.pipeline.augment import AUGREG_PRESETS, augreg_preset
 from vitpipe.pipeline.fields import runtime_field
@@ -112,7 +113,8 @@ class PretrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     zero_stage: int | None = None
-    """DeepSpeed ZeRO stage 0-3; None chooses by model size (ZeRO-1 below ~1B params, else ZeRO-3)."""
+    """DeepSpeed ZeRO stage 0-3; None chooses by model size (ZeRO-1 below ~1B params, else ZeRO-3). 0 only in fp32
+    (DeepSpeed's ZeRO-0 bf16 optimizer syncs the device per gradient tensor)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     activation_checkpointing: bool = False
@@ -175,6 +177,8 @@ class PretrainConfig:
             raise ValueError("pretrain.micro_batch and pretrain.global_batch must be >= 1")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"pretrain.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage is not None:  # early where the device is known from the config (the engine checks again)
+            check_stage_precision(self.zero_stage, resolve_precision(self.precision, "cuda" if self.use_gpu else "cpu"))
         if self.num_workers < 1:
             raise ValueError(f"pretrain.num_workers must be >= 1, got {self.num_workers}")
         if self.lr <= 0:

@@ -10,8 +10,10 @@ per parameter tensor against a bare loop; its figures in ``benchmarks/results/``
   rank): on one device they add a copy and a stream synchronisation per gradient and overlap nothing.
 - The optimizer is vitpipe's :class:`~vitpipe.jobs.train.adamw.ClippedAdamW` (torch's fused AdamW, on CUDA and
   CPU; no JIT-built DeepSpeed op) passed as a client optimizer. For ZeRO-1/2 it clips by the norm DeepSpeed
-  computes (DeepSpeed's own clipping reads the norm back to the host once per parameter group); ZeRO-3 and the
-  bf16 ZeRO-0 optimizer clip on the device themselves. Every stage skips a step whose gradient norm is not finite.
+  computes (DeepSpeed's own clipping reads the norm back to the host once per parameter group); ZeRO-3 clips on
+  the device itself. Every stage skips a step whose gradient norm is not finite, with one host read per step: in
+  bf16 that norm check is ZeRO-1/2's only overflow check (``engine.overflow_by_norm``), and bf16 at ZeRO-0, whose
+  DeepSpeed optimizer reads every gradient's overflow flag, is refused (:func:`check_stage_precision`).
 - ZeRO-3 keeps whole every parameter it can afford to (``stage3_*_persistence_threshold``): on one rank all of
   them (a partition of one is the whole tensor anyway), on more ranks up to ``ZERO3_PERSIST_BYTES`` of 16-bit
   weights, so most layers are never gathered and released per step; with everything whole, no prefetching. And
@@ -50,6 +52,18 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+def check_stage_precision(stage: int, precision: str) -> None:
+    """One-line ValueError for a ZeRO stage / precision pair whose DeepSpeed optimizer reads the device once per
+    parameter tensor: bf16 at ZeRO-0 (DeepSpeed 0.19 wraps the client optimizer in ``FP16_UnfusedOptimizer``, whose
+    overflow check reads each gradient's inf/NaN flag to the host: 397 host reads per H/14 step, measured with
+    ``benchmarks/step_overhead.py --precision bf16``). ZeRO-1 does the same job with one read and never more memory."""
+    if stage == 0 and precision == "bf16":
+        raise ValueError("pretrain.zero_stage=0 with bf16 precision: DeepSpeed's ZeRO-0 bf16 optimizer reads every "
+                         "gradient tensor's overflow flag back to the host (a device sync per parameter tensor and "
+                         "step); use pretrain.zero_stage=1 (one sync per step, never more memory) or "
+                         "pretrain.precision=fp32")
+
+
 def optimizer_clips(stage: int, precision: str) -> bool:
     """Whether the client optimizer clips (ZeRO-1/2, and ZeRO-0 in fp32 where DeepSpeed has no optimizer wrapper)
     rather than DeepSpeed (ZeRO-3 and the bf16 ZeRO-0 optimizer, both of which clip on the device)."""
@@ -81,6 +95,7 @@ def deepspeed_config(p: Any, *, world_size: int, device: str, num_params: int,
     """
     stage = resolve_zero_stage(p, num_params)
     precision = resolve_precision(p.precision, device)
+    check_stage_precision(stage, precision)
     lr = scaled_lr(p)
     warmup = max(1, min(p.warmup_steps, p.steps))
     if p.schedule == "cosine":

@@ -65,7 +65,8 @@ def build_engine(model: torch.nn.Module, p: Any, *, world_size: int, device: tor
         # DeepSpeed's ZeRO-1/2 step computes the global norm over every group and rank, then calls the client
         # optimizer once per group: each call clips by that one norm.
         opt.global_norm = lambda: zero._global_grad_norm
-        install_foreach_norm(zero)
+        if install_foreach_norm(zero) and cfg["bf16"]["enabled"]:
+            overflow_by_norm(zero)
     return engine, cfg
 
 
@@ -102,6 +103,21 @@ def install_foreach_norm(zero: Any) -> bool:
 
     zero.scaled_global_norm = scaled_global_norm
     return True
+
+
+def overflow_by_norm(zero: Any) -> None:
+    """bf16 ZeRO-1/2: let the finiteness check of the global gradient norm be the step's only overflow check.
+    DeepSpeed otherwise first runs an inf/NaN kernel per gradient tensor, an all-reduce and a host read
+    (``check_overflow``), then reads the norm's finiteness to the host as well: two device syncs per step. An inf or
+    NaN anywhere makes :func:`install_foreach_norm`'s norm +inf on every rank, so DeepSpeed's own norm check (kept:
+    ``bf16.check_grad_overflow``) skips the same steps (tests/jobs/test_step_syncs.py, bf16 cases)."""
+    if not (zero.check_grad_overflow and zero.compute_grad_norm):
+        raise RuntimeError("overflow_by_norm needs DeepSpeed's norm check (bf16.check_grad_overflow, compute_grad_norm)")
+
+    def check_overflow(partition_gradients: bool = True) -> None:
+        zero.overflow = False  # decided by the norm, next in DeepSpeed's step
+
+    zero.check_overflow = check_overflow
 
 
 def compile_engine(engine: Any, mode: str) -> None:

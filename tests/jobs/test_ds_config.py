@@ -85,6 +85,22 @@ def test_cpu_defaults_and_lr_scaling():
     assert default_zero_stage(999_000_000) == 1 and default_zero_stage(2_000_000_000) == 3
 
 
+def test_bf16_at_zero0_fails_in_one_line_where_the_device_is_known():
+    """DeepSpeed's ZeRO-0 bf16 optimizer reads every gradient's overflow flag to the host: refused with a way out,
+    at config time where the config says GPU (or bf16), else when the DeepSpeed config is made for a CUDA device."""
+    msg = r"pretrain.zero_stage=0 with bf16 precision: .* use pretrain.zero_stage=1 .* or pretrain.precision=fp32"
+    with pytest.raises(ValueError, match=msg):
+        PretrainConfig(zero_stage=0, precision="bf16")
+    with pytest.raises(ValueError, match=msg):
+        PretrainConfig(zero_stage=0, use_gpu=True)  # precision auto: bf16 on GPU
+    cpu = PretrainConfig(zero_stage=0)  # auto on CPU is fp32
+    assert deepspeed_config(cpu, world_size=1, device="cpu", num_params=1)["zero_optimization"]["stage"] == 0
+    with pytest.raises(ValueError, match=msg):
+        deepspeed_config(cpu, world_size=1, device="cuda", num_params=1)
+    PretrainConfig(zero_stage=1, precision="bf16")
+    PretrainConfig(zero_stage=0, precision="fp32", use_gpu=True)
+
+
 def test_clipping_goes_where_it_costs_no_host_read():
     assert [optimizer_clips(s, "bf16") for s in (0, 1, 2, 3)] == [False, True, True, False]
     assert [optimizer_clips(s, "fp32") for s in (0, 1, 2, 3)] == [True, True, True, False]
