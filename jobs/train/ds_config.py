@@ -66,7 +66,8 @@ def check_stage_precision(stage: int, precision: str) -> None:
 
 def optimizer_clips(stage: int, precision: str) -> bool:
     """Whether the client optimizer clips (ZeRO-1/2, and ZeRO-0 in fp32 where DeepSpeed has no optimizer wrapper)
-    rather than DeepSpeed (ZeRO-3 and the bf16 ZeRO-0 optimizer, both of which clip on the device)."""
+    rather than DeepSpeed (ZeRO-3 and the bf16 ZeRO-0 optimizer, both of which clip on the device; bf16 at ZeRO-0
+    is refused by :func:`check_stage_precision`, so for runs that pair only describes DeepSpeed)."""
     return stage in (1, 2) or (stage == 0 and precision != "bf16")
 
 

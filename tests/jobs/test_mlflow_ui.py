@@ -106,9 +106,7 @@ def test_mlflow_ui_shows_parent_children_chart_and_figure(svc, tmp_path):
                                         lambda d: f"Datasets {dataset.name}" in _text(d)))
     assert f"Datasets {dataset.name} ({dataset.digest}) training" in pretrain_page, pretrain_page[:3000]
 
-    # Plotly draws the charts lazily after their data requests, section by section as they scroll into view (a
-    # tall window shows every section): on a busy machine the first dump can come before that, so a few tries with
-    # a growing time budget (a page that never draws the loss chart still fails).
+    # Plotly draws the charts lazily, section by section as they scroll into view: a tall window shows every section.
     metrics_url = f"{base}/{kids['pretrain'].info.run_id}/model-metrics{ml}"
     metrics = _browse_until(chromium, metrics_url, lambda d: "pretrain (train/loss)" in _text(d), height=4000)
     assert 'class="main-svg"' in metrics  # a rendered (plotly) chart
